@@ -1,0 +1,44 @@
+# hf-vram: every target installs what it needs first, so a fresh clone needs only
+# `make finetune` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build. GPU users override
+# it, e.g. make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH  ?= torch==2.13.0
+RECIPE ?= demo
+NPROC  ?= 1
+ARGS   ?=
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install finetune train validate test lint bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: with no RECIPE, the embedded offline demo (tiny Llama pretrain, then QLoRA, scored).
+finetune: $(STAMP)
+	$(BIN)/hf-vram train $(RECIPE) --nproc $(NPROC) $(ARGS)
+
+train: $(STAMP)
+	$(BIN)/hf-vram train $(RECIPE) --nproc $(NPROC) $(ARGS)
+
+validate: $(STAMP)
+	$(BIN)/hf-vram validate recipes
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_train.py
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,67 @@
+"""Data the project generates itself, so the default demo runs offline with nothing downloaded.
+
+`arithmetic`: sums of two numbers from 0 to 14. As `format: text` it is a pretraining corpus stating every
+sum in several phrasings (the knowledge); as `format: alpaca` it is instructions ("What is 3 + 4?" -> "7")
+on a fixed 80% of the sums, with the other 20% held out for scoring. A model that learned the facts in
+pretraining and the answer format in fine-tuning answers the held-out questions; the score is exact match.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+MAX_OPERAND = 14
+PHRASINGS = (
+    "{a} + {b} = {c}",
+    "{a} plus {b} is {c}.",
+    "the sum of {a} and {b} is {c}.",
+    "adding {a} and {b} gives {c}.",
+)
+QUESTIONS = ("What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}.")
+
+
+def _facts() -> list[tuple[int, int, int]]:
+    return [(a, b, a + b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
+
+
+def _split_facts() -> dict[str, list[tuple[int, int, int]]]:
+    facts = _facts()
+    random.Random(1234).shuffle(facts)
+    n_test = len(facts) // 5
+    return {"test": sorted(facts[:n_test]), "train": sorted(facts[n_test:])}
+
+
+class ArithmeticTask:
+    description = "sums of two numbers 0-14: a pretraining text corpus, or alpaca instructions with a held-out test split"
+
+    def records(self, fmt: str, split: str = "train", n_docs: int = 3000, seed: int = 0) -> list[dict]:
+        if fmt == "text":
+            # Knowledge of every sum, train and test alike: the fine-tune must only teach the answer format.
+            rng = random.Random(seed)
+            sentences = [p.format(a=a, b=b, c=c) for a, b, c in _facts() for p in PHRASINGS]
+            docs = []
+            for _ in range(n_docs):
+                docs.append("\n".join(rng.choice(sentences) for _ in range(8)))
+            return [{"text": d} for d in docs]
+        if fmt == "alpaca":
+            facts = _split_facts()[split] if split in ("train", "test") else None
+            if facts is None:
+                raise ValueError(f"builtin:arithmetic has splits train and test, not '{split}'")
+            questions = QUESTIONS if split == "train" else QUESTIONS[:1]
+            return [
+                {"instruction": q.format(a=a, b=b), "input": "", "output": str(c)}
+                for a, b, c in facts
+                for q in questions
+            ]
+        raise ValueError(f"builtin:arithmetic supports format text or alpaca, not '{fmt}'")
+
+    def score(self, generate: Callable[[list[str]], list[str]], prompt_of: Callable[[dict], str], n: int) -> dict:
+        """Exact-match accuracy of the first line generated for n held-out questions."""
+        tests = self.records("alpaca", "test")[:n]
+        answers = generate([prompt_of(r) for r in tests])
+        correct = sum(ans.strip().split("\n")[0].strip() == r["output"] for ans, r in zip(answers, tests))
+        return {"accuracy": correct / len(tests), "correct": correct, "total": len(tests)}
+
+
+BUILTIN_SOURCES = {"arithmetic": ArithmeticTask()}

@@ -1,0 +1,42 @@
+"""Where records come from: builtin generated data, local files, or the Hub (datasets.load_dataset)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hf_vram.errors import DataError
+
+from data_prep.builtin import BUILTIN_SOURCES
+from data_prep.formats import to_training_rows
+
+LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def read_records(source: str, fmt: str, split: str = "train") -> list[dict]:
+    """Raw records of a data source, as dicts."""
+    if source.startswith("builtin:"):
+        return BUILTIN_SOURCES[source.removeprefix("builtin:")].records(fmt, split)
+    import datasets
+
+    path = Path(source).expanduser()
+    if path.suffix in LOADERS:
+        if not path.exists():
+            raise DataError(f"data.source: file '{source}' does not exist")
+        try:
+            ds = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train")
+        except Exception as e:  # datasets wraps parse errors in several types
+            raise DataError(f"{source}: cannot be read as {path.suffix} ({type(e).__name__}: {e})") from None
+    else:
+        ds = datasets.load_dataset(source, split=split)
+    return list(ds)
+
+
+def load_training_dataset(data, max_samples: int | None = None):
+    """The recipe's data section -> a datasets.Dataset with trl's columns (text, or prompt + completion)."""
+    import datasets
+
+    records = read_records(data.source, data.format, data.split)
+    if max_samples or data.max_samples:
+        records = records[: max_samples or data.max_samples]
+    rows = to_training_rows(records, data.format, data.source, data.template, data.text_field)
+    return datasets.Dataset.from_list(rows)

@@ -1,0 +1,3 @@
+from hf_vram.cli import main
+
+raise SystemExit(main())

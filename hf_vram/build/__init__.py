@@ -1,0 +1,1 @@
+"""Translations of recipe sections into the libraries' own objects, one module each."""

@@ -1,0 +1,84 @@
+"""model section (+ quant, adapter) -> a transformers model ready to train.
+
+From scratch: the architecture's config class filled from the recipe, sized to the tokenizer.
+Pretrained: from_pretrained, quantized by bitsandbytes when the recipe asks, prepared for k-bit training,
+then wrapped in a peft adapter.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from hf_vram.build.adapter import lora_config
+from hf_vram.build.quant import bnb_config
+from hf_vram.device import has_cuda, torch_dtype
+from hf_vram.recipe.schema import Recipe
+
+
+def scratch_config(recipe: Recipe, tokenizer) -> PretrainedConfig:
+    """The recipe's architecture config, with the vocabulary and special tokens of its tokenizer."""
+    config = AutoConfig.for_model(recipe.model.arch, **recipe.model.config)
+    config.vocab_size = len(tokenizer)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config, name, getattr(tokenizer, name))
+    return config
+
+
+def local_or_hub(ref: str) -> str:
+    """Absolute path for local directories, so that adapters saved later point at their base from anywhere."""
+    p = Path(ref).expanduser()
+    return str(p.resolve()) if p.exists() else ref
+
+
+def build_model(recipe: Recipe, tokenizer, model_path: str | None):
+    """The model to train: built from scratch or loaded (quantized), with the recipe's adapter applied."""
+    m = recipe.model
+    if m.arch:
+        torch.manual_seed(recipe.train.seed)
+        model = AutoModelForCausalLM.from_config(scratch_config(recipe, tokenizer), attn_implementation=m.attn_implementation)
+    else:
+        quant = bnb_config(recipe.quant)
+        kwargs = {}
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+            kwargs["dtype"] = quant.bnb_4bit_compute_dtype if recipe.quant.bits == 4 else torch_dtype(m.dtype)
+            # Each process holds its own full copy of the quantized base on its own GPU (DDP).
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if has_cuda() else {"": "cpu"}
+        else:
+            kwargs["dtype"] = torch_dtype(m.dtype) if recipe.adapter.type != "none" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(
+            local_or_hub(model_path), attn_implementation=m.attn_implementation, **kwargs
+        )
+        if quant is not None:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+    if tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    lora = lora_config(recipe.adapter)
+    if lora is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora)
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their logical number of parameters."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * 2 if p.__class__.__name__ == "Params4bit" else p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,51 @@
+"""train + data sections -> trl.SFTConfig (the only place training arguments are built)."""
+
+from __future__ import annotations
+
+from trl import SFTConfig
+
+from hf_vram.device import has_cuda, mixed_precision
+from hf_vram.recipe.schema import Recipe
+
+
+def sft_config(recipe: Recipe, output_dir: str) -> SFTConfig:
+    t, d = recipe.train, recipe.data
+    precision = mixed_precision(t.precision)
+    return SFTConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        # A quantized base had checkpointing switched on by prepare_model_for_kbit_training already.
+        gradient_checkpointing=t.gradient_checkpointing and recipe.quant.bits is None,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        # NaN/inf losses stop the run (see train/guard.py) instead of being dropped from the logs.
+        logging_nan_inf_filter=False,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        # Rotation is done by hf-vram after a checkpoint is complete (train/checkpoints.py), never before.
+        save_total_limit=None,
+        report_to=t.report_to or "none",
+        torch_compile=t.torch_compile,
+        use_cpu=not has_cuda(),
+        ddp_backend=None if has_cuda() else "gloo",
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+        max_length=d.max_length,
+        packing=d.packing,
+        completion_only_loss=not d.train_on_prompt if d.format != "text" else None,
+        dataset_text_field="text",
+    )

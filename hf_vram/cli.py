@@ -1,0 +1,126 @@
+"""The `hf-vram` command: subcommands only; each calls one function of the package.
+
+Heavy libraries (torch, transformers, trl) are imported inside the subcommands that need them, so
+`hf-vram recipes` and most of `hf-vram validate` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hf_vram.errors import TrainingStopped, UserError
+
+
+def _cmd_recipes(args) -> int:
+    import yaml
+
+    from hf_vram.recipe.load import shipped_recipes
+
+    recipes = shipped_recipes()
+    width = max(map(len, recipes), default=0)
+    for name, path in recipes.items():
+        description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def _validate_one(ref: str, overrides: list[str]) -> str:
+    from hf_vram.recipe.accelerate_config import is_accelerate_config, validate_accelerate_config
+    from hf_vram.recipe.load import load_recipe
+
+    if is_accelerate_config(ref):
+        return validate_accelerate_config(ref)
+    loaded = load_recipe(ref, overrides)
+    r = loaded.recipe
+    kind = f"{r.adapter.type} adapter on {r.model.name_or_path}" if r.adapter.type != "none" else (
+        f"{r.model.arch} from scratch" if r.model.arch else f"full fine-tune of {r.model.name_or_path}"
+    )
+    quant = f", {r.quant.bits}-bit {r.quant.type} base" if r.quant.bits else ""
+    return f"ok: {loaded.path} ({r.task}: {kind}{quant}; data {r.data.source} as {r.data.format}; output {loaded.output_dir})"
+
+
+def _cmd_validate(args) -> int:
+    targets = [a for a in args.items if "=" not in a]
+    overrides = [a for a in args.items if "=" in a]
+    if not targets:
+        raise UserError("validate: name at least one recipe (a shipped name or a path)")
+    paths: list[str] = []
+    for t in targets:
+        p = Path(t)
+        paths += [str(f) for f in sorted(p.rglob("*.yaml"))] if p.is_dir() else [t]
+    failures = []
+    for ref in paths:
+        try:
+            print(_validate_one(ref, overrides))
+        except UserError as e:
+            failures.append(str(e))
+    if failures:
+        print("\n".join(failures), file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from hf_vram.recipe.load import load_recipe
+
+    loaded = load_recipe(args.recipe, args.overrides)
+    if args.nproc > 1 or args.accelerate_config:
+        from hf_vram.train.launch import launch
+
+        return launch(loaded, args.recipe, args.overrides, args.nproc, args.accelerate_config)
+    from hf_vram.train.lm import train
+
+    train(loaded)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from hf_vram.generate import pipeline_generate
+
+    out = Path(args.output_dir)
+    if not (out / "config.json").is_file() and not (out / "adapter_config.json").is_file():
+        raise UserError(f"{out}: not a trained output (no config.json or adapter_config.json); run `hf-vram train` first")
+    for text in pipeline_generate(out, [args.prompt], args.max_new_tokens, raw=args.raw):
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-vram", description="Train and fine-tune models on one consumer GPU.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("recipes", help="list the shipped recipes")
+    s.set_defaults(func=_cmd_recipes)
+
+    s = sub.add_parser("validate", help="check recipes (names, paths or folders) without building anything")
+    s.add_argument("items", nargs="*", metavar="RECIPE|key=value")
+    s.set_defaults(func=_cmd_validate)
+
+    s = sub.add_parser("train", help="train a recipe (resumes an existing output directory)")
+    s.add_argument("recipe", help="a shipped recipe name or a path to a YAML recipe")
+    s.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. train.lr=1e-4 train.max_steps=10")
+    s.add_argument("--nproc", type=int, default=1, help="processes (torchrun; gloo DDP on CPU)")
+    s.add_argument("--accelerate-config", help="an accelerate config file (recipes/accelerate/*.yaml)")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("generate", help="generate from an output directory through transformers.pipeline")
+    s.add_argument("output_dir")
+    s.add_argument("prompt")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--raw", action="store_true", help="do not wrap the prompt in the recipe's template")
+    s.set_defaults(func=_cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"hf-vram: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except TrainingStopped as e:
+        print(f"hf-vram: training stopped: {e}", file=sys.stderr)
+        return 1

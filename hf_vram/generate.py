@@ -1,0 +1,57 @@
+"""Generation: from an in-memory model (scoring) and from a saved output through transformers.pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from data_prep.formats import alpaca_prompt
+
+
+def prompt_for(output_dir: str | Path, prompt: str) -> str:
+    """Wrap a bare prompt in the template the output was trained with (read from its saved recipe)."""
+    recipe_file = Path(output_dir) / "recipe.yaml"
+    if recipe_file.is_file():
+        data = yaml.safe_load(recipe_file.read_text()).get("data", {})
+        if data.get("format") == "alpaca":
+            return alpaca_prompt(prompt, "", data.get("template", "alpaca"))
+    return prompt
+
+
+def pipeline_generate(output_dir: str | Path, prompts: list[str], max_new_tokens: int = 32, raw: bool = False) -> list[str]:
+    """Generate with a stock `transformers.pipeline` loading the output directory (model or adapter)."""
+    from transformers import pipeline
+
+    pipe = pipeline("text-generation", model=str(output_dir))
+    texts = [p if raw else prompt_for(output_dir, p) for p in prompts]
+    outs = pipe(texts, max_new_tokens=max_new_tokens, do_sample=False, return_full_text=False)
+    return [o[0]["generated_text"] for o in outs]
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
+    """Greedy completions of prompts with a model in memory (left padding, batched)."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            ids = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out

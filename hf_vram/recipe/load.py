@@ -1,0 +1,259 @@
+"""Find, read, merge and validate recipes.
+
+A recipe is named by file name (`demo`, `demo.yaml`, looked up among the shipped recipes) or given by path.
+`extends: other` merges this recipe over another; `key.path=value` overrides from the command line go last.
+Every problem is reported with the file, line, key path, what was expected and a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from hf_vram.errors import RecipeError, UserError, did_you_mean
+from hf_vram.recipe.schema import Recipe
+
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+COMMAND_LINE = "command line"
+
+
+def recipes_dir() -> Path:
+    """The shipped recipes: inside the package (a link to the repository's recipes/ in a checkout)."""
+    return Path(str(importlib.resources.files("hf_vram") / "recipes"))
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> path of every shipped training recipe (accelerate launch configs excluded)."""
+    root = recipes_dir()
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def find_recipe(ref: str, relative_to: Path | None = None) -> Path:
+    """A recipe path from a path or a shipped name."""
+    candidates = [Path(ref)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / ref)
+        candidates.insert(1, relative_to / f"{ref}.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c
+    name = Path(ref).name.removesuffix(".yaml").removesuffix(".yml")
+    shipped = shipped_recipes()
+    if name in shipped and ("/" not in ref or not Path(ref).exists()):
+        return shipped[name]
+    raise UserError(
+        f"recipe '{ref}' not found: not a file, and not a shipped recipe{did_you_mean(name, shipped)}. "
+        "`hf-vram recipes` lists the shipped ones."
+    )
+
+
+@dataclass
+class LoadedRecipe:
+    recipe: Recipe
+    path: Path
+    name: str
+    # key path -> "file:line" where its value was set (command-line overrides say so)
+    origins: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.recipe.train.output_dir or Path("outputs") / self.name)
+
+    def resolved_yaml(self) -> str:
+        data = self.recipe.model_dump(mode="json")
+        return f"# {self.name}: fully resolved recipe (extends and overrides applied)\n" + yaml.safe_dump(
+            data, sort_keys=False
+        )
+
+
+def _line_map(node: yaml.Node, source: str, prefix: str = "") -> dict[str, str]:
+    """key path -> 'file:line' for every mapping key in a composed YAML document."""
+    out: dict[str, str] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            out[path] = f"{source}:{key_node.start_mark.line + 1}"
+            out.update(_line_map(value_node, source, path))
+    return out
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(str(path), [f"not valid YAML: {e}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), ["the top level must be a mapping of sections (model, data, train, ...)"])
+    return data, _line_map(node, str(path)) if node is not None else {}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        # model.config is a free-form mapping merged key by key like the sections
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise RecipeError(str(path), [f"extends: cycle {chain}"])
+    data, origins = _read_yaml(path)
+    parent_ref = data.pop("extends", None)
+    if parent_ref is None:
+        return data, origins
+    if not isinstance(parent_ref, str):
+        raise RecipeError(str(path), [f"extends: expected a recipe name or path, got {parent_ref!r}"])
+    try:
+        parent_path = find_recipe(parent_ref, relative_to=path.parent)
+    except UserError as e:
+        raise RecipeError(str(path), [f"{origins.get('extends', path)}: extends: {e}"]) from None
+    parent, parent_origins = _read_with_extends(parent_path, (*seen, resolved))
+    return _deep_merge(parent, data), {**parent_origins, **origins}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-4' -> (['train', 'lr'], 0.0001). Values are read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise RecipeError(COMMAND_LINE, [f"override '{text}': expected key.path=value, e.g. train.lr=1e-4"])
+    key, _, raw = text.partition("=")
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise RecipeError(COMMAND_LINE, [f"override '{text}': empty key"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def _apply_override(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def _schema_fields(loc: tuple) -> list[str]:
+    """Field names valid at the parent of a pydantic error location (for did-you-mean)."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return []
+        ann = model.model_fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _explain(err: dict, origins: dict[str, str], source: str) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    where = origins.get(path) or origins.get(".".join(str(p) for p in loc[:-1])) or source
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        valid = _schema_fields(loc)
+        hint = did_you_mean(loc[-1], valid)
+        return f"{where}: {path}: unknown key{hint}; valid keys here: {', '.join(valid)}"
+    if kind == "missing":
+        return f"{where}: {path}: required key is missing"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        options = [o.strip(" '") for o in expected.replace(" or ", ",").split(",")]
+        return f"{where}: {path}: got {value!r}, expected one of {expected}{did_you_mean(value, options)}"
+    if kind == "value_error":
+        return f"{where}: {path}: {msg.removeprefix('Value error, ')}"
+    return f"{where}: {path}: {msg}, got {value!r}"
+
+
+def _check_references(recipe: Recipe, origins: dict[str, str], source: str) -> list[str]:
+    """Things pydantic cannot see: files that must exist, recipe dependencies, builtin data, config keys."""
+    from data_prep.builtin import BUILTIN_SOURCES
+
+    problems = []
+
+    def at(key: str) -> str:
+        return origins.get(key, source)
+
+    src = recipe.data.source
+    if src.startswith("builtin:"):
+        name = src.removeprefix("builtin:")
+        if name not in BUILTIN_SOURCES:
+            problems.append(
+                f"{at('data.source')}: data.source: no builtin dataset '{name}'{did_you_mean(name, BUILTIN_SOURCES)}; "
+                f"builtin: {', '.join(BUILTIN_SOURCES)}"
+            )
+    elif src.endswith(LOCAL_DATA_SUFFIXES) or src.startswith((".", "/", "~")):
+        if not Path(src).expanduser().exists():
+            problems.append(
+                f"{at('data.source')}: data.source: file '{src}' does not exist (relative paths are read from the "
+                "current directory; give a Hub dataset id without a file suffix to load from the Hub)"
+            )
+    for key, ref in (("model.name_or_path", recipe.model.name_or_path), ("tokenizer.name_or_path", recipe.tokenizer.name_or_path)):
+        if not ref:
+            continue
+        if ref.startswith("recipe:"):
+            dep = ref.removeprefix("recipe:")
+            if dep not in shipped_recipes() and not Path(dep).is_file():
+                problems.append(
+                    f"{at(key)}: {key}: no recipe '{dep}' to train first{did_you_mean(dep, shipped_recipes())}"
+                )
+        elif ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():
+            problems.append(f"{at(key)}: {key}: directory '{ref}' does not exist")
+    if recipe.model.arch:
+        problems += _check_model_config(recipe, at)
+    return problems
+
+
+def _check_model_config(recipe: Recipe, at) -> list[str]:
+    """model.config keys must be fields of the architecture's config class (transformers accepts any)."""
+    from transformers import CONFIG_MAPPING
+
+    arch = recipe.model.arch
+    if arch not in CONFIG_MAPPING:
+        return [f"{at('model.arch')}: model.arch: unknown model type '{arch}'{did_you_mean(arch, CONFIG_MAPPING.keys())}"]
+    config_cls = CONFIG_MAPPING[arch]
+    known = set(vars(config_cls()).keys()) | set(getattr(config_cls, "attribute_map", {}))
+    problems = []
+    for key in recipe.model.config:
+        if key not in known:
+            problems.append(
+                f"{at('model.config.' + key)}: model.config.{key}: not a field of {config_cls.__name__}"
+                f"{did_you_mean(key, known)}"
+            )
+    return problems
+
+
+def load_recipe(ref: str | Path, overrides: list[str] | tuple[str, ...] = (), check_references: bool = True) -> LoadedRecipe:
+    """Read a recipe (extends and overrides applied) into a validated Recipe, or raise RecipeError."""
+    path = find_recipe(str(ref))
+    data, origins = _read_with_extends(path)
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(data, keys, value)
+        origins[".".join(keys)] = COMMAND_LINE
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(str(path), [_explain(err, origins, str(path)) for err in e.errors()]) from None
+    if check_references:
+        problems = _check_references(recipe, origins, str(path))
+        if problems:
+            raise RecipeError(str(path), problems)
+    return LoadedRecipe(recipe=recipe, path=path, name=path.stem, origins=origins)

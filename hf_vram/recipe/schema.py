@@ -1,0 +1,181 @@
+"""The recipe schema: small nested sections with strict keys. Each field's comment is its documentation.
+
+Defaults suit a 12 GB card. An unknown key anywhere is an error (extra="forbid"), never a silent no-op.
+Types are checked in pydantic's lax mode so that YAML's `lr: 1e-4` (a string to YAML 1.1) and
+command-line overrides (`train.lr=1e-4`) still read as numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    # Pretrained weights: a Hub id, a local directory, or `recipe:NAME` (that recipe's output, trained first
+    # when missing). Leave empty to build a new model from `arch` + `config`.
+    name_or_path: str | None = None
+    # From scratch: a transformers model_type (llama, gpt2, mistral, mixtral, mamba, ...).
+    arch: str | None = None
+    # From scratch: fields of that model type's config class (unknown fields are an error).
+    config: dict[str, Any] = Field(default_factory=dict)
+    # Weight dtype when loading without quantization; auto = bf16 on GPUs that have it, else fp32.
+    dtype: Dtype = "auto"
+    # Attention kernel; sdpa is torch's fused attention and works everywhere.
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if bool(self.name_or_path) == bool(self.arch):
+            raise ValueError("set exactly one of 'name_or_path' (pretrained) or 'arch' (from scratch)")
+        if self.config and not self.arch:
+            raise ValueError("'config' applies only to a model built from scratch ('arch')")
+        return self
+
+
+class TokenizerSection(Section):
+    # Where to load the tokenizer from; empty = the model's own (model.name_or_path).
+    name_or_path: str | None = None
+    # Train a new byte-level BPE tokenizer on the recipe's training text (offline, with `tokenizers`).
+    train: bool = False
+    # Vocabulary size of a trained tokenizer (special tokens included).
+    vocab_size: int = Field(8000, ge=260)
+
+
+class QuantSection(Section):
+    # Load the base quantized by bitsandbytes: 4 (QLoRA) or 8 bits; empty = no quantization.
+    bits: Literal[4, 8] | None = None
+    # 4-bit data type: nf4 (normal float, the QLoRA paper's) or fp4.
+    type: Literal["nf4", "fp4"] = "nf4"
+    # Quantize the 4-bit block scales too (saves about 0.4 bit per parameter).
+    double_quant: bool = True
+    # Dtype of the matmuls on dequantized weights; auto = bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU.
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
+class AdapterSection(Section):
+    # none = train all weights of the model; lora = train a low-rank adapter (peft).
+    type: Literal["none", "lora"] = "none"
+    # LoRA rank.
+    r: int = Field(16, ge=1)
+    # LoRA scaling numerator (scale = alpha / r).
+    alpha: int = Field(32, ge=1)
+    # Dropout on the adapter input.
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # Which linear layers get an adapter: all-linear, or a list of module names (q_proj, v_proj, ...).
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+
+class DataSection(Section):
+    # A local file (.json, .jsonl, .csv, .parquet, .txt), a Hub dataset id, or builtin:NAME
+    # (data the project generates; see `hf-vram recipes`).
+    source: str
+    # Record layout: text (one text field, for pretraining) or alpaca (instruction/input/output).
+    format: Literal["text", "alpaca"] = "text"
+    # Dataset split to train on (Hub datasets and builtin sources).
+    split: str = "train"
+    # Field holding the text, for format: text in json/jsonl/csv/parquet files.
+    text_field: str = "text"
+    # Prompt layout for instruction formats: alpaca (Stanford Alpaca's preamble) or alpaca-short (no preamble).
+    template: Literal["alpaca", "alpaca-short"] = "alpaca"
+    # Longest sequence in tokens; longer samples are truncated.
+    max_length: int = Field(512, ge=8)
+    # Pack several samples into each sequence (no padding waste).
+    packing: bool = False
+    # Also train on prompt tokens; by default only the responses are trained.
+    train_on_prompt: bool = False
+    # Use only the first N records (quick trials); empty = all.
+    max_samples: int | None = Field(None, ge=1)
+
+
+class TrainSection(Section):
+    # Where the output goes; empty = outputs/<recipe name>.
+    output_dir: str | None = None
+    # Sequences per forward pass on each device.
+    micro_batch_size: int = Field(4, ge=1)
+    # Micro-batches summed before each optimizer step (global batch = micro x accum x devices).
+    grad_accum: int = Field(1, ge=1)
+    # Passes over the data (ignored when max_steps is set).
+    epochs: float = Field(1.0, gt=0)
+    # Stop after this many optimizer steps; empty = run `epochs`.
+    max_steps: int | None = Field(None, ge=1)
+    # Peak learning rate.
+    lr: float = Field(2e-4, gt=0)
+    # Learning-rate schedule after warmup.
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    # Warmup: a fraction of all steps when below 1, else a number of steps.
+    warmup: float = Field(0.03, ge=0)
+    # Decoupled weight decay (AdamW).
+    weight_decay: float = Field(0.0, ge=0)
+    # Gradient clipping by global norm; 0 = off.
+    max_grad_norm: float = Field(1.0, ge=0)
+    # Optimizer: paged_adamw_8bit keeps states in 8 bits and pages them out under memory pressure.
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = (
+        "adamw_torch"
+    )
+    # Recompute activations in the backward pass: much less memory, about 30% more compute.
+    gradient_checkpointing: bool = False
+    # Mixed precision: auto = bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # Seed for weights, data order and dropout.
+    seed: int = 42
+    # Log loss and learning rate every N steps.
+    logging_steps: int = Field(10, ge=1)
+    # Write a resumable checkpoint every N steps.
+    save_steps: int = Field(200, ge=1)
+    # Keep this many complete checkpoints (older ones are removed after a newer one is complete).
+    save_total_limit: int = Field(2, ge=1)
+    # Loggers: tensorboard, wandb, trackio, ... or an empty list.
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    # Compile the model with torch.compile.
+    torch_compile: bool = False
+
+
+class EvalSection(Section):
+    # For builtin tasks that can be scored: held-out prompts scored before and after training (0 = off).
+    score_samples: int = Field(0, ge=0)
+    # Prompts generated from the saved output through transformers.pipeline after training.
+    sample_prompts: list[str] = Field(default_factory=list)
+    # Tokens generated per prompt (scoring and samples).
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class HubSection(Section):
+    # Hub repository to push to with `hf-vram push` (owner/name); empty = no push.
+    repo_id: str | None = None
+    # Create the repository as private.
+    private: bool = True
+
+
+class Recipe(Section):
+    # One line shown by `hf-vram recipes` and in the model card.
+    description: str = ""
+    # Kind of training: sft = causal language modelling on text or instructions (trl's SFTTrainer).
+    task: Literal["sft"] = "sft"
+    model: ModelSection
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
+    quant: QuantSection = Field(default_factory=QuantSection)
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    hub: HubSection = Field(default_factory=HubSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.quant.bits and self.adapter.type == "none":
+            raise ValueError("a quantized base cannot be trained in full: set adapter.type: lora (QLoRA)")
+        if self.quant.bits and self.model.arch:
+            raise ValueError("quant applies to pretrained weights (model.name_or_path), not a model built from scratch")
+        if self.tokenizer.train and not self.model.arch:
+            raise ValueError("tokenizer.train builds a new vocabulary: only for a model built from scratch (model.arch)")
+        if self.model.arch and not self.tokenizer.train and not self.tokenizer.name_or_path:
+            raise ValueError("a model built from scratch needs a tokenizer: set tokenizer.train: true or tokenizer.name_or_path")
+        return self

@@ -1,0 +1,171 @@
+"""The causal-LM runner: recipe -> tokenizer, data, model -> trl SFTTrainer (Accelerate underneath) -> output.
+
+The output directory holds the model or adapter (safetensors), the tokenizer, `recipe.yaml` (fully
+resolved), a model card, TensorBoard logs under runs/, and `train_summary.json`, written last: its
+presence means the run finished. Re-running on an existing output directory resumes from the last
+complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_prep.sources import load_training_dataset
+from hf_vram.atomic import atomic_write_json, atomic_write_text
+from hf_vram.build.model import build_model, count_parameters
+from hf_vram.build.tokenizer import load_tokenizer
+from hf_vram.build.training_args import sft_config
+from hf_vram.card import model_card
+from hf_vram.evaluate import score, scorable
+from hf_vram.recipe.load import LoadedRecipe, load_recipe
+from hf_vram.train.checkpoints import CommitCheckpoints, discard_incomplete, latest_complete
+from hf_vram.train.guard import GuardedSFTTrainer
+
+SUMMARY = "train_summary.json"
+log = logging.getLogger("hf_vram")
+
+
+def is_finished(output_dir: Path) -> bool:
+    return (output_dir / SUMMARY).is_file()
+
+
+def resolve_model_path(loaded: LoadedRecipe, train_missing: bool = True) -> str | None:
+    """model.name_or_path, with `recipe:NAME` replaced by that recipe's output (trained first if missing)."""
+    ref = loaded.recipe.model.name_or_path
+    if not ref or not ref.startswith("recipe:"):
+        return ref
+    dep = load_recipe(ref.removeprefix("recipe:"))
+    if not is_finished(dep.output_dir):
+        if not train_missing:
+            raise RuntimeError(f"{dep.output_dir} is not trained yet")
+        print(f"[hf-vram] {loaded.name} needs {dep.name}: training it first into {dep.output_dir}", flush=True)
+        train(dep)
+    return str(dep.output_dir.resolve())
+
+
+def _training_texts(dataset):
+    cols = dataset.column_names
+    for row in dataset:
+        yield row["text"] if "text" in cols else row["prompt"] + row["completion"]
+
+
+def _rank_checksums(model) -> list[str]:
+    """A digest of this rank's trainable weights, gathered from every rank (DDP keeps them identical)."""
+    h = hashlib.sha256()
+    for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    digest = h.hexdigest()[:16]
+    if dist.is_available() and dist.is_initialized():
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, digest)
+        return out
+    return [digest]
+
+
+def _peak_memory() -> dict:
+    if torch.cuda.is_available():
+        return {
+            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(),
+        }
+    # Linux reports ru_maxrss in KiB.
+    return {"cpu_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def train(loaded: LoadedRecipe) -> dict:
+    """Run (or resume) one recipe to completion; returns the summary written to the output directory."""
+    recipe = loaded.recipe
+    out = loaded.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = resolve_model_path(loaded)
+
+    dataset = load_training_dataset(recipe.data)
+    tokenizer_dir = out / "tokenizer-trained"
+    if recipe.tokenizer.train and (tokenizer_dir / "tokenizer.json").is_file():
+        # A resumed run must keep the vocabulary its checkpoints were trained with.
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = load_tokenizer(recipe, model_path, _training_texts(dataset))
+        if recipe.tokenizer.train:
+            tokenizer.save_pretrained(tokenizer_dir)
+
+    model = build_model(recipe, tokenizer, model_path)
+    trainable, total = count_parameters(model)
+    args = sft_config(recipe, str(out))
+    main = args.process_index == 0
+    if main:
+        discard_incomplete(out)
+        atomic_write_text(out / "recipe.yaml", loaded.resolved_yaml())
+    resume = latest_complete(out)
+
+    summary: dict = {"recipe": loaded.name, "trainable_params": trainable, "total_params": total}
+    before_file = out / "score_before.json"
+    if scorable(recipe) and main:
+        if before_file.is_file():
+            import json
+
+            summary["score_before"] = json.loads(before_file.read_text())
+        else:
+            summary["score_before"] = score(recipe, model, tokenizer)
+            atomic_write_json(before_file, summary["score_before"])
+        print(f"[hf-vram] score before training: {_fmt_score(summary['score_before'])}", flush=True)
+
+    trainer = GuardedSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[CommitCheckpoints(keep=recipe.train.save_total_limit)],
+    )
+    if main:
+        print(
+            f"[hf-vram] {loaded.name}: {trainable:,} trainable of {total:,} parameters, "
+            f"{len(dataset)} samples, {args.world_size} process(es) on {args.device}"
+            + (f", resuming from {resume}" if resume else ""),
+            flush=True,
+        )
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    summary.update(
+        first_loss=losses[0] if losses else None,
+        final_loss=losses[-1] if losses else None,
+        train_loss=result.training_loss,
+        global_step=trainer.state.global_step,
+        world_size=args.world_size,
+        rank_checksums=_rank_checksums(trainer.model),
+        train_seconds=round(time.time() - start, 2),
+        resumed_from=str(resume) if resume else None,
+        **_peak_memory(),
+    )
+    trainer.save_model(str(out))
+    if not main:
+        return summary
+    if scorable(recipe):
+        summary["score_after"] = score(recipe, trainer.model, tokenizer)
+        print(f"[hf-vram] score after training:  {_fmt_score(summary['score_after'])}", flush=True)
+    model_card(loaded, summary).save(out / "README.md")
+    atomic_write_json(out / SUMMARY, summary)
+    print(f"[hf-vram] saved {out} (final loss {summary['final_loss']})", flush=True)
+    if recipe.eval.sample_prompts:
+        from hf_vram.generate import pipeline_generate
+
+        texts = pipeline_generate(out, recipe.eval.sample_prompts, recipe.eval.max_new_tokens)
+        for p, t in zip(recipe.eval.sample_prompts, texts):
+            print(f"[hf-vram] pipeline('text-generation', model='{out}')\n  prompt: {p!r}\n  output: {t!r}", flush=True)
+    sys.stdout.flush()
+    return summary
+
+
+def _fmt_score(s: dict) -> str:
+    return f"{s['accuracy']:.1%} exact match ({s['correct']}/{s['total']} held-out)"
