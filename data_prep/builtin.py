@@ -1,6 +1,6 @@
 """Data the project generates itself, so the default demo runs offline with nothing downloaded.
 
-`arithmetic`: sums of two numbers from 0 to 14. As `format: text` it is a pretraining corpus stating every
+`arithmetic`: sums of two numbers from 0 to 9. As `format: text` it is a pretraining corpus stating every
 sum in several phrasings (the knowledge); as `format: alpaca` it is instructions ("What is 3 + 4?" -> "7")
 on a fixed 80% of the sums, with the other 20% held out for scoring. A model that learned the facts in
 pretraining and the answer format in fine-tuning answers the held-out questions; the score is exact match.
@@ -11,12 +11,13 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-MAX_OPERAND = 14
+MAX_OPERAND = 9
 PHRASINGS = (
     "{a} + {b} = {c}",
     "{a} plus {b} is {c}.",
     "the sum of {a} and {b} is {c}.",
     "adding {a} and {b} gives {c}.",
+    "What is {a} + {b}? {c}",
 )
 QUESTIONS = ("What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}.")
 
@@ -33,7 +34,7 @@ def _split_facts() -> dict[str, list[tuple[int, int, int]]]:
 
 
 class ArithmeticTask:
-    description = "sums of two numbers 0-14: a pretraining text corpus, or alpaca instructions with a held-out test split"
+    description = "sums of two numbers 0-9: a pretraining text corpus, or alpaca instructions with a held-out test split"
 
     def records(self, fmt: str, split: str = "train", n_docs: int = 3000, seed: int = 0) -> list[dict]:
         if fmt == "text":

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hf_vram.errors import DataError
-
 from data_prep.builtin import BUILTIN_SOURCES
 from data_prep.formats import to_training_rows
+from hf_vram.errors import DataError
 
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 

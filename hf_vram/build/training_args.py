@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from trl import SFTConfig
 
 from hf_vram.device import has_cuda, mixed_precision
@@ -41,7 +43,8 @@ def sft_config(recipe: Recipe, output_dir: str) -> SFTConfig:
         report_to=t.report_to or "none",
         torch_compile=t.torch_compile,
         use_cpu=not has_cuda(),
-        ddp_backend=None if has_cuda() else "gloo",
+        # gloo is the CPU collective backend; only named under a launcher (a lone process has no group).
+        ddp_backend="gloo" if not has_cuda() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
         max_length=d.max_length,

@@ -9,10 +9,10 @@ complete checkpoint.
 from __future__ import annotations
 
 import hashlib
-import logging
+import json
 import resource
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,13 +24,12 @@ from hf_vram.build.model import build_model, count_parameters
 from hf_vram.build.tokenizer import load_tokenizer
 from hf_vram.build.training_args import sft_config
 from hf_vram.card import model_card
-from hf_vram.evaluate import score, scorable
+from hf_vram.evaluate import scorable, score
 from hf_vram.recipe.load import LoadedRecipe, load_recipe
 from hf_vram.train.checkpoints import CommitCheckpoints, discard_incomplete, latest_complete
 from hf_vram.train.guard import GuardedSFTTrainer
 
 SUMMARY = "train_summary.json"
-log = logging.getLogger("hf_vram")
 
 
 def is_finished(output_dir: Path) -> bool:
@@ -80,8 +79,27 @@ def _peak_memory() -> dict:
     return {"cpu_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def train(loaded: LoadedRecipe) -> dict:
-    """Run (or resume) one recipe to completion; returns the summary written to the output directory."""
+@dataclass
+class Run:
+    """A prepared run: everything built, nothing trained yet (tests inspect the model before fit())."""
+
+    loaded: LoadedRecipe
+    trainer: GuardedSFTTrainer
+    tokenizer: object
+    resume: Path | None
+    summary: dict
+
+    @property
+    def model(self):
+        return self.trainer.model
+
+    @property
+    def is_main(self) -> bool:
+        return self.trainer.args.process_index == 0
+
+
+def prepare(loaded: LoadedRecipe) -> Run:
+    """Tokenizer, data, model and trainer for a recipe; trains its recipe dependencies first."""
     recipe = loaded.recipe
     out = loaded.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -102,24 +120,9 @@ def train(loaded: LoadedRecipe) -> dict:
     model = build_model(recipe, tokenizer, model_path)
     trainable, total = count_parameters(model)
     args = sft_config(recipe, str(out))
-    main = args.process_index == 0
-    if main:
+    if args.process_index == 0:
         discard_incomplete(out)
         atomic_write_text(out / "recipe.yaml", loaded.resolved_yaml())
-    resume = latest_complete(out)
-
-    summary: dict = {"recipe": loaded.name, "trainable_params": trainable, "total_params": total}
-    before_file = out / "score_before.json"
-    if scorable(recipe) and main:
-        if before_file.is_file():
-            import json
-
-            summary["score_before"] = json.loads(before_file.read_text())
-        else:
-            summary["score_before"] = score(recipe, model, tokenizer)
-            atomic_write_json(before_file, summary["score_before"])
-        print(f"[hf-vram] score before training: {_fmt_score(summary['score_before'])}", flush=True)
-
     trainer = GuardedSFTTrainer(
         model=model,
         args=args,
@@ -127,34 +130,50 @@ def train(loaded: LoadedRecipe) -> dict:
         processing_class=tokenizer,
         callbacks=[CommitCheckpoints(keep=recipe.train.save_total_limit)],
     )
+    summary = {"recipe": loaded.name, "trainable_params": trainable, "total_params": total, "samples": len(dataset)}
+    return Run(loaded, trainer, tokenizer, latest_complete(out), summary)
+
+
+def fit(run: Run) -> dict:
+    """Train (or resume) to the end, save the output; returns the summary written to the output directory."""
+    recipe, out, trainer, summary = run.loaded.recipe, run.loaded.output_dir, run.trainer, run.summary
+    main = run.is_main
+    before_file = out / "score_before.json"
+    if scorable(recipe) and main:
+        if before_file.is_file():  # a resumed run keeps the score of the untrained model
+            summary["score_before"] = json.loads(before_file.read_text())
+        else:
+            summary["score_before"] = score(recipe, run.model, run.tokenizer)
+            atomic_write_json(before_file, summary["score_before"])
+        print(f"[hf-vram] score before training: {_fmt_score(summary['score_before'])}", flush=True)
     if main:
         print(
-            f"[hf-vram] {loaded.name}: {trainable:,} trainable of {total:,} parameters, "
-            f"{len(dataset)} samples, {args.world_size} process(es) on {args.device}"
-            + (f", resuming from {resume}" if resume else ""),
+            f"[hf-vram] {run.loaded.name}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} "
+            f"parameters, {summary['samples']} samples, {trainer.args.world_size} process(es) on {trainer.args.device}"
+            + (f", resuming from {run.resume}" if run.resume else ""),
             flush=True,
         )
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     summary.update(
         first_loss=losses[0] if losses else None,
         final_loss=losses[-1] if losses else None,
         train_loss=result.training_loss,
         global_step=trainer.state.global_step,
-        world_size=args.world_size,
+        world_size=trainer.args.world_size,
         rank_checksums=_rank_checksums(trainer.model),
         train_seconds=round(time.time() - start, 2),
-        resumed_from=str(resume) if resume else None,
+        resumed_from=str(run.resume) if run.resume else None,
         **_peak_memory(),
     )
     trainer.save_model(str(out))
     if not main:
         return summary
     if scorable(recipe):
-        summary["score_after"] = score(recipe, trainer.model, tokenizer)
+        summary["score_after"] = score(recipe, trainer.model, run.tokenizer)
         print(f"[hf-vram] score after training:  {_fmt_score(summary['score_after'])}", flush=True)
-    model_card(loaded, summary).save(out / "README.md")
+    model_card(run.loaded, summary).save(out / "README.md")
     atomic_write_json(out / SUMMARY, summary)
     print(f"[hf-vram] saved {out} (final loss {summary['final_loss']})", flush=True)
     if recipe.eval.sample_prompts:
@@ -163,8 +182,12 @@ def train(loaded: LoadedRecipe) -> dict:
         texts = pipeline_generate(out, recipe.eval.sample_prompts, recipe.eval.max_new_tokens)
         for p, t in zip(recipe.eval.sample_prompts, texts):
             print(f"[hf-vram] pipeline('text-generation', model='{out}')\n  prompt: {p!r}\n  output: {t!r}", flush=True)
-    sys.stdout.flush()
     return summary
+
+
+def train(loaded: LoadedRecipe) -> dict:
+    """Run (or resume) one recipe to completion."""
+    return fit(prepare(loaded))
 
 
 def _fmt_score(s: dict) -> str:
