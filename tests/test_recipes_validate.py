@@ -33,7 +33,7 @@ def test_shipped_recipes_are_found_by_name():
 def test_recipes_command_lists_each_with_its_description(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out.splitlines()
-    line = next(l for l in out if l.startswith("llama7b-qlora-alpaca"))
+    line = next(s for s in out if s.startswith("llama7b-qlora-alpaca"))
     assert "QLoRA of Llama-2-7B" in line
     assert len(out) == len(shipped_recipes())
 

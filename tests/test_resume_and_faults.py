@@ -4,6 +4,7 @@ never resumed from, and a non-finite loss stops the run naming the step."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -83,6 +84,8 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
     proc = run_cli("train", str(recipe))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "hf-vram: training stopped: loss is" in proc.stderr
-    assert "at step 2" in proc.stderr and "lower train.lr" in proc.stderr
+    match = re.search(r"loss is (nan|inf|-inf) at step (\d+);", proc.stderr)
+    assert match and 2 <= int(match.group(2)) <= 3, proc.stderr[-2000:]  # the first update blows up the weights
+    assert "lower train.lr" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (out / "train_summary.json").exists()

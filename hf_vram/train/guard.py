@@ -15,8 +15,7 @@ class GuardedSFTTrainer(SFTTrainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             raise TrainingStopped(
-                f"loss is {loss.item()} at step {self.state.global_step + 1} (micro-batch of optimizer step "
-                f"{self.state.global_step + 1}); lower train.lr, check the data, or use precision: fp32. "
-                f"Re-running resumes from the last complete checkpoint in {self.args.output_dir}"
+                f"loss is {loss.item()} at step {self.state.global_step + 1}; lower train.lr, check the data, or use "
+                f"train.precision: fp32. Re-running resumes from the last complete checkpoint in {self.args.output_dir}"
             )
         return loss
