@@ -1,8 +1,8 @@
 """Data the project generates itself, so the default demo runs offline with nothing downloaded.
 
 `arithmetic`: sums of two numbers from 0 to 9. As `format: text` it is a pretraining corpus stating every
-sum in several phrasings (the knowledge); as `format: alpaca` it is instructions ("What is 3 + 4?" ->
-"3 + 4 = 7": the answer restates the sum, as the corpus does) on a fixed 80% of the sums, with the other 20% held out for scoring. A model that learned the facts in
+sum in several phrasings (the knowledge); as `format: alpaca` it is instructions ("What is 3 + 4?" -> "7")
+on a fixed 80% of the sums, with the other 20% held out for scoring. A model that learned the facts in
 pretraining and the answer format in fine-tuning answers the held-out questions; the score is exact match.
 """
 
@@ -16,8 +16,9 @@ PHRASINGS = (
     "{a} + {b} = {c}",
     "{a} plus {b} is {c}.",
     "the sum of {a} and {b} is {c}.",
-    "adding {a} and {b} gives {c}.",
-    "What is {a} + {b}?\n{a} + {b} = {c}",
+    "What is {a} + {b}? The answer is {c}.",
+    "Q: What is {a} + {b}?\nA: {c}",
+    "question: what is {a} plus {b}?\nanswer: {c}",
 )
 QUESTIONS = ("What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}.")
 
@@ -51,7 +52,7 @@ class ArithmeticTask:
                 raise ValueError(f"builtin:arithmetic has splits train and test, not '{split}'")
             questions = QUESTIONS if split == "train" else QUESTIONS[:1]
             return [
-                {"instruction": q.format(a=a, b=b), "input": "", "output": f"{a} + {b} = {c}"}
+                {"instruction": q.format(a=a, b=b), "input": "", "output": str(c)}
                 for a, b, c in facts
                 for q in questions
             ]

@@ -9,10 +9,22 @@ import bitsandbytes as bnb
 import torch
 from transformers import pipeline
 
+from hf_vram.cli import main
 from hf_vram.recipe.load import load_recipe
 from hf_vram.train.lm import fit, prepare
 
 from .conftest import write_recipe
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    model.eval()
+    return model(input_ids=ids).logits.float()
+
+
+def _base_logits(model, ids):
+    with model.disable_adapter():
+        return _logits(model, ids)
 
 
 def qlora_recipe(base, out, **train):
@@ -30,7 +42,7 @@ def qlora_recipe(base, out, **train):
     }
 
 
-def test_qlora_run_trains_adapter_on_4bit_base(tmp_path, tiny_base):
+def test_qlora_run_trains_adapter_on_4bit_base(tmp_path, tiny_base, capsys):
     out = tmp_path / "out"
     run = prepare(load_recipe(str(write_recipe(tmp_path, "qlora", qlora_recipe(tiny_base, out)))))
     model = run.model
@@ -40,8 +52,9 @@ def test_qlora_run_trains_adapter_on_4bit_base(tmp_path, tiny_base):
     opt = run.trainer.create_optimizer()  # transformers builds bnb's AdamW with optim_bits=8, is_paged=True
     assert isinstance(opt, bnb.optim.AdamW) and opt.is_paged and opt.args.optim_bits == 8
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert lora and all("lora_" in n for n in lora)
+    probe = run.tokenizer(["What is 2 + 3?"], return_tensors="pt").input_ids
+    base_logits = _base_logits(model, probe)
 
     summary = fit(run)
 
@@ -49,7 +62,12 @@ def test_qlora_run_trains_adapter_on_4bit_base(tmp_path, tiny_base):
     assert summary["final_loss"] < 0.9 * summary["first_loss"], summary
     params = dict(model.named_parameters())
     assert all(not torch.equal(lora[n], params[n].detach()) for n in lora), "every LoRA matrix was trained"
-    assert all(torch.equal(frozen[n], params[n].detach()) for n in frozen), "the base stayed frozen"
+    # The frozen base computes what it computed before, with the adapter switched off. bitsandbytes repacks
+    # 4-bit blocks for its CPU inference kernel, which moves logits by ~1e-3; training the base would move
+    # them as much as the adapter does.
+    drift = (_base_logits(model, probe) - base_logits).abs().max()
+    effect = (_logits(model, probe) - base_logits).abs().max()
+    assert drift < 0.05 * effect, (drift, effect)
     assert {"score_before", "score_after"} <= summary.keys()
     # The output is an adapter (safetensors) with its tokenizer, not a copy of the base.
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
@@ -60,3 +78,8 @@ def test_qlora_run_trains_adapter_on_4bit_base(tmp_path, tiny_base):
     pipe = pipeline("text-generation", model=str(out))
     gen = pipe("### Instruction:\nWhat is 2 + 3?\n\n### Response:\n", max_new_tokens=8, do_sample=False)
     assert isinstance(gen[0]["generated_text"], str) and len(gen[0]["generated_text"]) > 40
+    # `hf-vram generate` wraps a bare prompt in the template the adapter was trained with.
+    capsys.readouterr()
+    assert main(["generate", str(out), "What is 2 + 3?", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["generate", str(tmp_path), "hi"]) == 2

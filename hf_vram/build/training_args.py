@@ -26,8 +26,8 @@ def sft_config(recipe: Recipe, output_dir: str) -> SFTConfig:
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
         # A quantized base had checkpointing switched on by prepare_model_for_kbit_training already.
-        gradient_checkpointing=t.gradient_checkpointing and recipe.quant.bits is None,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=t.gradient_checkpointing and recipe.quant.bits is None,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         seed=t.seed,

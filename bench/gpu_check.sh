@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# GPU check for a lent CUDA machine (the CPU suite cannot reach these paths): the demo's QLoRA in bf16 with
+# bitsandbytes' CUDA kernels and paged 8-bit AdamW, the peak memory it records, and the throughput bench.
+#   bash bench/gpu_check.sh        (about 3 minutes; needs the .venv of `make install` with a CUDA torch)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-/tmp/hf-vram-gpu}
+$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
+$PY -m hf_vram train demo-base train.output_dir="$OUT/demo-base" train.report_to=[]
+$PY -m hf_vram train demo model.name_or_path="$OUT/demo-base" train.output_dir="$OUT/demo" train.report_to=[]
+$PY - "$OUT" <<'PY'
+import json, sys
+for name in ("demo-base", "demo"):
+    s = json.load(open(f"{sys.argv[1]}/{name}/train_summary.json"))
+    print(name, "final loss", round(s["final_loss"], 4), "peak allocated MiB", s["cuda_max_allocated_bytes"] // 2**20)
+    assert s["cuda_max_allocated_bytes"] > 0
+PY
+$PY bench/bench_train.py --steps 60
