@@ -16,9 +16,9 @@ PHRASINGS = (
     "{a} + {b} = {c}",
     "{a} plus {b} is {c}.",
     "the sum of {a} and {b} is {c}.",
-    "What is {a} + {b}? The answer is {c}.",
     "Q: What is {a} + {b}?\nA: {c}",
-    "question: what is {a} plus {b}?\nanswer: {c}",
+    "What is {a} + {b}?\n{c}",
+    "question: what is {a} plus {b}?\nanswer:\n{c}",
 )
 QUESTIONS = ("What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}.")
 

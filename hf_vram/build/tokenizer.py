@@ -17,11 +17,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, model_max_length: int) -> P
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
-    # Digits are split one by one (as Llama's and PaLM's tokenizers do), so "12" is the same two tokens at a
-    # line start and after a space: numbers stay learnable across contexts.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

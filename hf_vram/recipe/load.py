@@ -45,7 +45,7 @@ def find_recipe(ref: str, relative_to: Path | None = None) -> Path:
             return c
     name = Path(ref).name.removesuffix(".yaml").removesuffix(".yml")
     shipped = shipped_recipes()
-    if name in shipped and ("/" not in ref or not Path(ref).exists()):
+    if "/" not in ref and name in shipped:  # a bare name; a path that does not exist is never replaced
         return shipped[name]
     raise UserError(
         f"recipe '{ref}' not found: not a file, and not a shipped recipe{did_you_mean(name, shipped)}. "

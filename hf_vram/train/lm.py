@@ -36,15 +36,13 @@ def is_finished(output_dir: Path) -> bool:
     return (output_dir / SUMMARY).is_file()
 
 
-def resolve_model_path(loaded: LoadedRecipe, train_missing: bool = True) -> str | None:
+def resolve_model_path(loaded: LoadedRecipe) -> str | None:
     """model.name_or_path, with `recipe:NAME` replaced by that recipe's output (trained first if missing)."""
     ref = loaded.recipe.model.name_or_path
     if not ref or not ref.startswith("recipe:"):
         return ref
     dep = load_recipe(ref.removeprefix("recipe:"))
     if not is_finished(dep.output_dir):
-        if not train_missing:
-            raise RuntimeError(f"{dep.output_dir} is not trained yet")
         print(f"[hf-vram] {loaded.name} needs {dep.name}: training it first into {dep.output_dir}", flush=True)
         train(dep)
     return str(dep.output_dir.resolve())
