@@ -10,6 +10,7 @@ import torch
 from transformers import pipeline
 
 from hf_vram.cli import main
+from hf_vram.generate import greedy_generate
 from hf_vram.recipe.load import load_recipe
 from hf_vram.train.lm import fit, prepare
 
@@ -83,3 +84,24 @@ def test_qlora_run_trains_adapter_on_4bit_base(tmp_path, tiny_base, capsys):
     assert main(["generate", str(out), "What is 2 + 3?", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
     assert main(["generate", str(tmp_path), "hi"]) == 2
+
+
+def test_inference_before_training_leaves_4bit_gradients_intact(tmp_path, tiny_base):
+    """Scoring before training (generate in eval mode) must not change the gradients of the next step:
+    bitsandbytes' CPU inference repacking did, until hf-vram switched it off for models it trains."""
+    run = prepare(load_recipe(str(write_recipe(tmp_path, "qlora", qlora_recipe(tiny_base, tmp_path / "out")))))
+    model = run.model
+    batch = run.tokenizer(["What is 2 + 3? The answer is 5."], return_tensors="pt")
+
+    def lora_grads():
+        model.train()
+        model.zero_grad()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = lora_grads()
+    greedy_generate(model, run.tokenizer, ["What is 2 + 3?"], max_new_tokens=4)
+    after = lora_grads()
+    assert any(g.abs().sum() > 0 for g in before.values())
+    for name, grad in before.items():
+        torch.testing.assert_close(after[name], grad, rtol=1e-4, atol=1e-7, msg=name)
