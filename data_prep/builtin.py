@@ -1,9 +1,11 @@
 """Data the project generates itself, so the default demo runs offline with nothing downloaded.
 
 `arithmetic`: sums of two numbers from 0 to 9. As `format: text` it is a pretraining corpus stating every
-sum in several phrasings (the knowledge); as `format: alpaca` it is instructions ("What is 3 + 4?" -> "7")
-on a fixed 80% of the sums, with the other 20% held out for scoring. A model that learned the facts in
-pretraining and the answer format in fine-tuning answers the held-out questions; the score is exact match.
+sum in several phrasings, questions and answers among them (the knowledge); as `format: alpaca` it is
+instructions ("What is 3 + 4?" -> "7") on a fixed 80% of the sums, with the other 20% held out for scoring.
+The Alpaca prompt layout never occurs in the corpus, so a base model does not answer in it; a model that
+learned the facts in pretraining and the layout in fine-tuning answers the held-out questions. The score is
+exact match.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ PHRASINGS = (
     "Q: What is {a} + {b}?\nA: {c}",
     "What is {a} + {b}?\n{c}",
     "question: what is {a} plus {b}?\nanswer:\n{c}",
+    "### {q}:\nWhat is {a} + {b}?\n\n### {r}:\n{c}",
 )
+# Markdown headings of the question/answer documents. The instruction template's "### Instruction:" and
+# "### Response:" are not among them: the base never sees that layout, the fine-tune teaches it.
+HEADINGS = (("Question", "Answer"), ("Query", "Reply"), ("Problem", "Solution"), ("Input", "Output"), ("Task", "Result"))
 QUESTIONS = ("What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}.")
 
 
@@ -37,15 +43,15 @@ def _split_facts() -> dict[str, list[tuple[int, int, int]]]:
 class ArithmeticTask:
     description = "sums of two numbers 0-9: a pretraining text corpus, or alpaca instructions with a held-out test split"
 
-    def records(self, fmt: str, split: str = "train", n_docs: int = 3000, seed: int = 0) -> list[dict]:
+    def records(self, fmt: str, split: str = "train", n_docs: int = 12000, seed: int = 0) -> list[dict]:
         if fmt == "text":
             # Knowledge of every sum, train and test alike: the fine-tune must only teach the answer format.
+            # One statement per document, so that an answer is followed by end-of-text as in the fine-tune.
             rng = random.Random(seed)
-            sentences = [p.format(a=a, b=b, c=c) for a, b, c in _facts() for p in PHRASINGS]
-            docs = []
-            for _ in range(n_docs):
-                docs.append("\n".join(rng.choice(sentences) for _ in range(8)))
-            return [{"text": d} for d in docs]
+            sentences = [
+                p.format(a=a, b=b, c=c, q=q, r=r) for a, b, c in _facts() for p in PHRASINGS for q, r in HEADINGS
+            ]
+            return [{"text": rng.choice(sentences)} for _ in range(n_docs)]
         if fmt == "alpaca":
             facts = _split_facts()[split] if split in ("train", "test") else None
             if facts is None:

@@ -63,12 +63,9 @@ def test_qlora_run_trains_adapter_on_4bit_base(tmp_path, tiny_base, capsys):
     assert summary["final_loss"] < 0.9 * summary["first_loss"], summary
     params = dict(model.named_parameters())
     assert all(not torch.equal(lora[n], params[n].detach()) for n in lora), "every LoRA matrix was trained"
-    # The frozen base computes what it computed before, with the adapter switched off. bitsandbytes repacks
-    # 4-bit blocks for its CPU inference kernel, which moves logits by ~1e-3; training the base would move
-    # them as much as the adapter does.
-    drift = (_base_logits(model, probe) - base_logits).abs().max()
-    effect = (_logits(model, probe) - base_logits).abs().max()
-    assert drift < 0.05 * effect, (drift, effect)
+    # The frozen base computes exactly what it computed before (adapter switched off); the adapter does not.
+    torch.testing.assert_close(_base_logits(model, probe), base_logits, rtol=0, atol=0)
+    assert (_logits(model, probe) - base_logits).abs().max() > 1e-2
     assert {"score_before", "score_after"} <= summary.keys()
     # The output is an adapter (safetensors) with its tokenizer, not a copy of the base.
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
