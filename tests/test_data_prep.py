@@ -55,3 +55,4 @@ def test_arithmetic_test_split_is_held_out_of_instruction_training():
     corpus = "\n".join(r["text"] for r in task.records("text"))
     test_sums = [r["instruction"].removeprefix("What is ").removesuffix("?") for r in task.records("alpaca", "test")]
     assert all(f"{s} = " in corpus for s in test_sums)  # the corpus states every sum: the knowledge to recall
+    assert "### Instruction:" not in corpus and "### Response:" not in corpus  # the layout is the fine-tune's

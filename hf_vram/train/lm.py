@@ -184,7 +184,14 @@ def fit(run: Run) -> dict:
 
 
 def train(loaded: LoadedRecipe) -> dict:
-    """Run (or resume) one recipe to completion."""
+    """Run (or resume) one recipe to completion; a finished output directory is left as it is."""
+    if is_finished(loaded.output_dir):
+        print(
+            f"[hf-vram] {loaded.name} is already trained in {loaded.output_dir}; remove that directory or set "
+            "train.output_dir=... to train again",
+            flush=True,
+        )
+        return json.loads((loaded.output_dir / SUMMARY).read_text())
     return fit(prepare(loaded))
 
 
