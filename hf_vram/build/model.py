@@ -49,6 +49,8 @@ def build_model(recipe: Recipe, tokenizer, model_path: str | None):
             # Each process holds its own full copy of the quantized base on its own GPU (DDP).
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if has_cuda() else {"": "cpu"}
         else:
+            # A frozen base under an adapter can sit in bf16; fully trained weights stay fp32 (mixed precision
+            # runs the matmuls in bf16/fp16 while AdamW updates fp32 masters).
             kwargs["dtype"] = torch_dtype(m.dtype) if recipe.adapter.type != "none" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(
             local_or_hub(model_path), attn_implementation=m.attn_implementation, **kwargs

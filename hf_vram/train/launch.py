@@ -7,7 +7,6 @@ accelerate config file (recipes/accelerate/*.yaml: DDP, FSDP, DeepSpeed ZeRO-2/3
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -28,5 +27,4 @@ def launch(loaded: LoadedRecipe, recipe_ref: str, overrides: list[str], nproc: i
     resolve_model_path(loaded)
     cmd = launch_command(recipe_ref, overrides, nproc, accelerate_config)
     print(f"[hf-vram] launching {nproc} processes: {' '.join(cmd)}", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(cmd, env=env)
+    return subprocess.call(cmd)
