@@ -114,7 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_known_noise() -> None:
+    """bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional inference kernel (from the Hub)
+    is missing; hf-vram switches that inference path off for models it trains, so the warning is noise."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_known_noise()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
