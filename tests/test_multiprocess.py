@@ -13,7 +13,7 @@ def test_two_processes_form_one_ddp_group(tmp_path):
     proc = run_cli("train", str(recipe), "--nproc", "2", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["distributed_backend"] == "gloo"
     checksums = summary["rank_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1], "DDP kept the ranks' weights identical"
     assert summary["final_loss"] < summary["first_loss"]

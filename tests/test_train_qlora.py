@@ -12,7 +12,7 @@ from transformers import pipeline
 from hf_vram.cli import main
 from hf_vram.generate import greedy_generate
 from hf_vram.recipe.load import load_recipe
-from hf_vram.train.lm import fit, prepare
+from hf_vram.train.lm import fit, prepare, train
 
 from .conftest import write_recipe
 
@@ -102,3 +102,18 @@ def test_inference_before_training_leaves_4bit_gradients_intact(tmp_path, tiny_b
     assert any(g.abs().sum() > 0 for g in before.values())
     for name, grad in before.items():
         torch.testing.assert_close(after[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_recipe_dependency_is_trained_first(tmp_path):
+    """`model.name_or_path: recipe:X` trains X when its output is missing, then fine-tunes its output."""
+    from .conftest import scratch_recipe
+
+    base_out, out = tmp_path / "base-out", tmp_path / "out"
+    base_recipe = write_recipe(tmp_path, "base", scratch_recipe(base_out, max_steps=5))
+    data = qlora_recipe(f"recipe:{base_recipe}", out, max_steps=5)
+    data["eval"] = {"score_samples": 0}
+    summary = train(load_recipe(str(write_recipe(tmp_path, "ft", data))))
+    assert (base_out / "train_summary.json").is_file() and (base_out / "model.safetensors").is_file()
+    assert summary["global_step"] == 5
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(base_out.resolve())

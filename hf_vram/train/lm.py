@@ -160,6 +160,7 @@ def fit(run: Run) -> dict:
         train_loss=result.training_loss,
         global_step=trainer.state.global_step,
         world_size=trainer.args.world_size,
+        distributed_backend=dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
         rank_checksums=_rank_checksums(trainer.model),
         train_seconds=round(time.time() - start, 2),
         resumed_from=str(run.resume) if run.resume else None,
