@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -30,16 +31,17 @@ GPT2 = {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 128, "resid_pdr
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of the optimizer steps after the first (warm-up) one, and the tokens they trained."""
+    """Wall time of each optimizer step (the Trainer's own loop, logging and callbacks included)."""
 
     def __init__(self):
-        self.start = None
-        self.end = None
+        self.stamps: list[float] = []
 
     def on_step_end(self, args, state, control, **kw):
-        if state.global_step == 1:
-            self.start = time.perf_counter()
-        self.end = time.perf_counter()
+        self.stamps.append(time.perf_counter())
+
+    def step_seconds(self) -> list[float]:
+        """Durations of steps 2..N (step 1 carries one-time set-up on both sides and is left out)."""
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
 
 
 def recipe_file(folder: Path, steps: int, batch: int, seq: int) -> Path:
@@ -59,24 +61,23 @@ def recipe_file(folder: Path, steps: int, batch: int, seq: int) -> Path:
     return path
 
 
-def plain_loop(model, batches, lr: float) -> tuple[float, int]:
-    """The baseline: forward, backward, clip, AdamW step, nothing else. Times steps 2..N like StepTimer."""
+def plain_loop(model, batches, lr: float) -> list[float]:
+    """The baseline: forward, backward, clip, AdamW step, nothing else. Durations of steps 2..N."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     device = next(model.parameters()).device
-    start, tokens = None, 0
-    for i, batch in enumerate(batches):
+    stamps = []
+    for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i == 0:
-            start = time.perf_counter()
-        else:
-            tokens += int((batch["labels"] != -100).sum())
-    return time.perf_counter() - start, tokens
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def main() -> None:
@@ -98,18 +99,19 @@ def main() -> None:
         timer = StepTimer()
         trainer.add_callback(timer)
         trainer.train()
-        hf_seconds = timer.end - timer.start
-        hf_tokens = sum(int((b["labels"] != -100).sum()) for b in batches[1:])
+        hf_steps = timer.step_seconds()
+        base_steps = plain_loop(baseline_model, batches, 1e-3)
 
-        base_seconds, base_tokens = plain_loop(baseline_model, batches, 1e-3)
-
-    hf_tps, base_tps = hf_tokens / hf_seconds, base_tokens / base_seconds
+    # Median step time: robust to the scheduler hiccups of a shared CPU; tokens are the trained (label) tokens.
+    tokens_per_step = statistics.mean(int((b["labels"] != -100).sum()) for b in batches[1:])
+    hf_step, base_step = statistics.median(hf_steps), statistics.median(base_steps)
+    hf_tps, base_tps = tokens_per_step / hf_step, tokens_per_step / base_step
     n_params = sum(p.numel() for p in baseline_model.parameters())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"GPT-2 from scratch, {n_params / 1e6:.2f}M parameters, micro-batch {args.batch} x {args.seq} tokens, "
           f"{args.steps - 1} timed steps, {device}")
-    print(f"hf-vram (trl SFTTrainer) : {hf_tps:10.0f} tokens/s  ({hf_seconds / (args.steps - 1) * 1000:.1f} ms/step)")
-    print(f"plain PyTorch loop       : {base_tps:10.0f} tokens/s  ({base_seconds / (args.steps - 1) * 1000:.1f} ms/step)")
+    print(f"hf-vram (trl SFTTrainer) : {hf_tps:10.0f} tokens/s  (median {hf_step * 1000:.1f} ms/step)")
+    print(f"plain PyTorch loop       : {base_tps:10.0f} tokens/s  (median {base_step * 1000:.1f} ms/step)")
     print(f"ratio hf-vram / plain    : {hf_tps / base_tps:10.3f}")
 
 
