@@ -30,14 +30,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int, model_max_length: int) -> P
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, **SPECIALS)
 
 
-def load_tokenizer(recipe: Recipe, model_path: str | None, texts: Iterable[str] | None = None):
+def load_tokenizer(recipe: Recipe, tokenizer_path: str | None, texts: Iterable[str] | None = None):
     """The recipe's tokenizer, with a pad token (causal LMs often lack one; EOS is the usual stand-in)."""
     if recipe.tokenizer.train:
         if texts is None:
             raise ValueError("training a tokenizer needs the training texts")
         tok = train_bpe(texts, recipe.tokenizer.vocab_size, recipe.data.max_length)
     else:
-        tok = AutoTokenizer.from_pretrained(recipe.tokenizer.name_or_path or model_path)
+        tok = AutoTokenizer.from_pretrained(tokenizer_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -210,7 +210,9 @@ def _check_references(recipe: Recipe, origins: dict[str, str], source: str) -> l
             continue
         if ref.startswith("recipe:"):
             dep = ref.removeprefix("recipe:")
-            if dep not in shipped_recipes() and not Path(dep).is_file():
+            try:
+                find_recipe(dep, relative_to=Path(source).parent)
+            except UserError:
                 problems.append(
                     f"{at(key)}: {key}: no recipe '{dep}' to train first{did_you_mean(dep, shipped_recipes())}"
                 )

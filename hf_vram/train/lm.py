@@ -24,8 +24,9 @@ from hf_vram.build.model import build_model, count_parameters
 from hf_vram.build.tokenizer import load_tokenizer
 from hf_vram.build.training_args import sft_config
 from hf_vram.card import model_card
+from hf_vram.device import torch_dtype
 from hf_vram.evaluate import scorable, score
-from hf_vram.recipe.load import LoadedRecipe, load_recipe
+from hf_vram.recipe.load import LoadedRecipe, find_recipe, load_recipe
 from hf_vram.train.checkpoints import CommitCheckpoints, discard_incomplete, latest_complete
 from hf_vram.train.guard import GuardedSFTTrainer
 
@@ -36,16 +37,22 @@ def is_finished(output_dir: Path) -> bool:
     return (output_dir / SUMMARY).is_file()
 
 
-def resolve_model_path(loaded: LoadedRecipe) -> str | None:
-    """model.name_or_path, with `recipe:NAME` replaced by that recipe's output (trained first if missing)."""
-    ref = loaded.recipe.model.name_or_path
+def resolve_reference(loaded: LoadedRecipe, ref: str | None) -> str | None:
+    """A model or tokenizer reference, with `recipe:NAME` replaced by that recipe's output (trained first if
+    missing). NAME is a shipped recipe or a path, read relative to the recipe that names it."""
     if not ref or not ref.startswith("recipe:"):
         return ref
-    dep = load_recipe(ref.removeprefix("recipe:"))
+    dep = load_recipe(find_recipe(ref.removeprefix("recipe:"), relative_to=loaded.path.parent))
     if not is_finished(dep.output_dir):
         print(f"[hf-vram] {loaded.name} needs {dep.name}: training it first into {dep.output_dir}", flush=True)
         train(dep)
     return str(dep.output_dir.resolve())
+
+
+def resolve_dependencies(loaded: LoadedRecipe) -> tuple[str | None, str | None]:
+    """(model path, tokenizer path) of a recipe, its recipe dependencies trained."""
+    model_path = resolve_reference(loaded, loaded.recipe.model.name_or_path)
+    return model_path, resolve_reference(loaded, loaded.recipe.tokenizer.name_or_path) or model_path
 
 
 def _training_texts(dataset):
@@ -101,23 +108,26 @@ def prepare(loaded: LoadedRecipe) -> Run:
     recipe = loaded.recipe
     out = loaded.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    model_path = resolve_model_path(loaded)
+    model_path, tokenizer_path = resolve_dependencies(loaded)
+    # Training arguments first: they set up the process group (and DeepSpeed's config) that the rest relies on.
+    args = sft_config(recipe, str(out))
 
     dataset = load_training_dataset(recipe.data)
     tokenizer_dir = out / "tokenizer-trained"
-    if recipe.tokenizer.train and (tokenizer_dir / "tokenizer.json").is_file():
-        # A resumed run must keep the vocabulary its checkpoints were trained with.
-        from transformers import AutoTokenizer
+    # The main process trains (or finds) the tokenizer; the others wait and load the same files, so every rank
+    # has the same vocabulary, and a resumed run keeps the one its checkpoints were trained with.
+    with args.main_process_first(local=False, desc="tokenizer"):
+        if recipe.tokenizer.train and (tokenizer_dir / "tokenizer.json").is_file():
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    else:
-        tokenizer = load_tokenizer(recipe, model_path, _training_texts(dataset))
-        if recipe.tokenizer.train:
-            tokenizer.save_pretrained(tokenizer_dir)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        else:
+            tokenizer = load_tokenizer(recipe, tokenizer_path, _training_texts(dataset))
+            if recipe.tokenizer.train:
+                tokenizer.save_pretrained(tokenizer_dir)
 
     model = build_model(recipe, tokenizer, model_path)
     trainable, total = count_parameters(model)
-    args = sft_config(recipe, str(out))
     if args.process_index == 0:
         discard_incomplete(out)
         atomic_write_text(out / "recipe.yaml", loaded.resolved_yaml())
@@ -128,6 +138,12 @@ def prepare(loaded: LoadedRecipe) -> Run:
         processing_class=tokenizer,
         callbacks=[CommitCheckpoints(keep=recipe.train.save_total_limit)],
     )
+    if recipe.quant.bits and torch_dtype(recipe.quant.compute_dtype) == torch.float32:
+        # trl casts the adapter of a quantized model to bf16 (the QLoRA paper's choice on GPUs); where the
+        # recipe computes in fp32 (auto on CPU) the adapter trains in fp32 too.
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     summary = {"recipe": loaded.name, "trainable_params": trainable, "total_params": total, "samples": len(dataset)}
     return Run(loaded, trainer, tokenizer, latest_complete(out), summary)
 
