@@ -27,7 +27,12 @@ def read_records(source: str, fmt: str, split: str = "train") -> list[dict]:
             raise DataError(f"{source}: cannot be read as {path.suffix} ({type(e).__name__}: {e})") from None
     else:
         ds = datasets.load_dataset(source, split=split)
-    return list(ds)
+        path = Path("")
+    records = list(ds)
+    if path.suffix == ".txt":
+        # datasets' text loader yields one record per line; blank lines (paragraph breaks) carry no text.
+        records = [r for r in records if r["text"].strip()]
+    return records
 
 
 def load_training_dataset(data, max_samples: int | None = None):

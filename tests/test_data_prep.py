@@ -56,3 +56,9 @@ def test_arithmetic_test_split_is_held_out_of_instruction_training():
     test_sums = [r["instruction"].removeprefix("What is ").removesuffix("?") for r in task.records("alpaca", "test")]
     assert all(f"{s} = " in corpus for s in test_sums)  # the corpus states every sum: the knowledge to recall
     assert "### Instruction:" not in corpus and "### Response:" not in corpus  # the layout is the fine-tune's
+
+
+def test_blank_lines_of_text_files_are_skipped(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("First paragraph.\n\nSecond paragraph.\n")
+    assert [r["text"] for r in read_records(str(path), "text")] == ["First paragraph.", "Second paragraph."]

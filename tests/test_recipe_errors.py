@@ -134,3 +134,27 @@ def test_cli_process_exit_code_is_2_for_train_and_validate(tmp_path, good):
         assert proc.returncode == 2, proc.stderr
         assert "data.formt: unknown key (did you mean 'format'?)" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_child_recipe_can_remove_inherited_keys_and_writes_its_own_output(tmp_path, good):
+    write_recipe(tmp_path, "parent", good)  # good has train.output_dir set
+    child = write_recipe(tmp_path, "child", {
+        "extends": "parent",
+        "model": {"arch": None, "config": None, "name_or_path": "some-org/some-model"},
+        "tokenizer": {"train": None},
+    })
+    loaded = load_recipe(str(child))
+    assert loaded.recipe.model.name_or_path == "some-org/some-model" and loaded.recipe.model.arch is None
+    assert loaded.output_dir.name == "child"  # not the parent's output directory
+
+
+def test_legacy_config_keys_are_accepted(tmp_path, good):
+    good["model"]["config"]["rope_theta"] = 50000.0
+    assert load_recipe(str(write_recipe(tmp_path, "rope", good))).recipe.model.config["rope_theta"] == 50000.0
+
+
+def test_malformed_yaml_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: {arch: llama\ndata: [")
+    assert main(["validate", str(path)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err

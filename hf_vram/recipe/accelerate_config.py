@@ -13,7 +13,10 @@ def is_accelerate_config(ref: str) -> bool:
     p = Path(ref)
     if not p.is_file():
         return False
-    data = yaml.safe_load(p.read_text())
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError:
+        return False  # reported, with its line, by the recipe loader
     return isinstance(data, dict) and "compute_environment" in data
 
 

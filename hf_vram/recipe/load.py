@@ -98,10 +98,12 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
+    """Merge a child recipe over its parent, key by key (model.config too); `key: null` removes a key."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        # model.config is a free-form mapping merged key by key like the sections
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
@@ -124,6 +126,8 @@ def _read_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, d
     except UserError as e:
         raise RecipeError(str(path), [f"{origins.get('extends', path)}: extends: {e}"]) from None
     parent, parent_origins = _read_with_extends(parent_path, (*seen, resolved))
+    # A child writes its own output (outputs/<child name> by default), never into its parent's directory.
+    parent.get("train", {}).pop("output_dir", None)
     return _deep_merge(parent, data), {**parent_origins, **origins}
 
 
@@ -231,10 +235,20 @@ def _check_model_config(recipe: Recipe, at) -> list[str]:
     if arch not in CONFIG_MAPPING:
         return [f"{at('model.arch')}: model.arch: unknown model type '{arch}'{did_you_mean(arch, CONFIG_MAPPING.keys())}"]
     config_cls = CONFIG_MAPPING[arch]
+    defaults = config_cls().to_dict()
     known = set(vars(config_cls()).keys()) | set(getattr(config_cls, "attribute_map", {}))
+
+    def accepted(key, value) -> bool:
+        # Legacy keys (rope_theta -> rope_parameters) change other fields; an unknown key is only stored as is.
+        try:
+            changed = {k for k, v in config_cls(**{key: value}).to_dict().items() if defaults.get(k) != v}
+        except Exception:  # a bad value for a real field: the config class says so when the model is built
+            return True
+        return bool(changed - {key})
+
     problems = []
-    for key in recipe.model.config:
-        if key not in known:
+    for key, value in recipe.model.config.items():
+        if key not in known and not accepted(key, value):
             problems.append(
                 f"{at('model.config.' + key)}: model.config.{key}: not a field of {config_cls.__name__}"
                 f"{did_you_mean(key, known)}"
