@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from hf_vram.build.adapter import lora_config
-from hf_vram.build.quant import bnb_config
+from hf_vram.build.quant import bnb_config, sharded_launch
 from hf_vram.device import has_cuda, torch_dtype
 from hf_vram.recipe.schema import Recipe
 
@@ -46,8 +46,10 @@ def build_model(recipe: Recipe, tokenizer, model_path: str | None):
         if quant is not None:
             kwargs["quantization_config"] = quant
             kwargs["dtype"] = quant.bnb_4bit_compute_dtype if recipe.quant.bits == 4 else torch_dtype(m.dtype)
-            # Each process holds its own full copy of the quantized base on its own GPU (DDP).
-            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if has_cuda() else {"": "cpu"}
+            # DDP: each process holds its own full copy of the quantized base on its own GPU. FSDP and
+            # DeepSpeed place (and shard) the weights themselves and refuse a device_map.
+            if not sharded_launch():
+                kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if has_cuda() else {"": "cpu"}
         else:
             # A frozen base under an adapter can sit in bf16; fully trained weights stay fp32 (mixed precision
             # runs the matmuls in bf16/fp16 while AdamW updates fp32 masters).
@@ -97,7 +99,8 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as their logical number of parameters."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * 2 if p.__class__.__name__ == "Params4bit" else p.numel()
+        quant_state = getattr(p, "quant_state", None)
+        n = quant_state.shape.numel() if quant_state is not None else p.numel()
         total += n
         if p.requires_grad:
             trainable += n

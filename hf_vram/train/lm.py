@@ -62,9 +62,13 @@ def _training_texts(dataset):
 
 
 def _rank_checksums(model) -> list[str]:
-    """A digest of this rank's trainable weights, gathered from every rank (DDP keeps them identical)."""
+    """A digest of this rank's trainable weights, gathered from every rank (DDP keeps them identical).
+    Sharded parameters (FSDP2 DTensors) differ by design across ranks: no digest then."""
+    params = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    if any(type(p.data).__name__ == "DTensor" for _, p in params):
+        return []
     h = hashlib.sha256()
-    for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+    for _, p in params:
         h.update(p.detach().float().cpu().numpy().tobytes())
     digest = h.hexdigest()[:16]
     if dist.is_available() and dist.is_initialized():
