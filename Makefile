@@ -2,8 +2,9 @@
 # `make finetune` and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
-# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build. GPU users override
-# it, e.g. make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# torch is installed first and pinned, so that the package's range never pulls another build. Where pip is not
+# pointed at a CPU wheel, add the index: make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# GPU users name a CUDA build the same way (.../whl/cu128). `make install` always re-runs both steps.
 TORCH  ?= torch==2.13.0
 RECIPE ?= demo
 NPROC  ?= 1
@@ -19,7 +20,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP)
+install:
+	rm -f $(STAMP)
+	$(MAKE) $(STAMP)
 
 # The main job: with no RECIPE, the embedded offline demo (tiny Llama pretrain, then QLoRA, scored).
 finetune: $(STAMP)

@@ -54,6 +54,8 @@ def recipe_file(folder: Path, steps: int, batch: int, seq: int) -> Path:
             "output_dir": str(folder / "out"), "micro_batch_size": batch, "max_steps": steps, "lr": 1e-3,
             "warmup": 0, "lr_scheduler": "constant", "optimizer": "adamw_torch", "logging_steps": 1000,
             "save_steps": 100000, "report_to": [], "max_grad_norm": 1.0,
+            # fp32 on both sides: the plain loop does not autocast, so neither does hf-vram here.
+            "precision": "fp32",
         },
     }
     path = folder / "bench.yaml"

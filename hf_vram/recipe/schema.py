@@ -26,7 +26,8 @@ class ModelSection(Section):
     arch: str | None = None
     # From scratch: fields of that model type's config class (unknown fields are an error).
     config: dict[str, Any] = Field(default_factory=dict)
-    # Weight dtype when loading without quantization; auto = bf16 on GPUs that have it, else fp32.
+    # Dtype of a pretrained base loaded without quantization under an adapter; auto = bf16 on GPUs that have it,
+    # else fp32. Weights trained in full stay fp32 (mixed precision runs the matmuls in bf16/fp16).
     dtype: Dtype = "auto"
     # Attention kernel; sdpa is torch's fused attention and works everywhere.
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
@@ -148,9 +149,9 @@ class EvalSection(Section):
 
 
 class HubSection(Section):
-    # Hub repository to push to with `hf-vram push` (owner/name); empty = no push.
+    # Hub repository for the output (owner/name), written into the model card's usage example.
     repo_id: str | None = None
-    # Create the repository as private.
+    # Create the repository as private when it is pushed.
     private: bool = True
 
 

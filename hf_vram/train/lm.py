@@ -79,13 +79,15 @@ def _rank_checksums(model) -> list[str]:
 
 
 def _peak_memory() -> dict:
+    """Peak memory of this run on CUDA (stats reset when fit() starts); on CPU the process's peak RSS, which
+    includes any recipe dependency trained earlier in the same process."""
     if torch.cuda.is_available():
         return {
             "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(),
             "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(),
         }
     # Linux reports ru_maxrss in KiB.
-    return {"cpu_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"cpu_process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 @dataclass
@@ -171,6 +173,8 @@ def fit(run: Run) -> dict:
             + (f", resuming from {run.resume}" if run.resume else ""),
             flush=True,
         )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     start = time.time()
     result = trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
