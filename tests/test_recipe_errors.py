@@ -158,3 +158,11 @@ def test_malformed_yaml_is_a_clear_error(tmp_path, capsys):
     path.write_text("model: {arch: llama\ndata: [")
     assert main(["validate", str(path)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_cross_section_errors_name_the_key_and_where_it_was_set(tmp_path, good):
+    path = write_recipe(tmp_path, "x", good)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(path), ["quant.bits=4"])
+    assert str(e.value).endswith("command line: quant.bits: a quantized base cannot be trained in full: "
+                                 "set adapter.type: lora (QLoRA)")

@@ -85,9 +85,11 @@ def test_qlora_run_trains_adapter_on_4bit_base(tmp_path, tiny_base, capsys):
 
 def test_inference_before_training_leaves_4bit_gradients_intact(tmp_path, tiny_base):
     """Scoring before training (generate in eval mode) must not change the gradients of the next step:
-    bitsandbytes' CPU inference repacking did, until hf-vram switched it off for models it trains."""
+    bitsandbytes' CPU inference repacking did (on CPUs with AVX512-BF16, where it is enabled), until hf-vram
+    switched it off for models it trains."""
     run = prepare(load_recipe(str(write_recipe(tmp_path, "qlora", qlora_recipe(tiny_base, tmp_path / "out")))))
     model = run.model
+    assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     batch = run.tokenizer(["What is 2 + 3? The answer is 5."], return_tensors="pt")
 
     def lora_grads():

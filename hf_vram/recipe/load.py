@@ -166,11 +166,22 @@ def _schema_fields(loc: tuple) -> list[str]:
     return list(model.model_fields) if model is not None else []
 
 
+def _field_loc(loc: tuple) -> tuple:
+    """The key path of a pydantic error location, without its internal tags (validators, union members)."""
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+
+
 def _explain(err: dict, origins: dict[str, str], source: str) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+    loc = _field_loc(err["loc"])
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "value_error":
+        # Validators name the key they are about: "quant.bits: ..."
+        msg = msg.removeprefix("Value error, ")
+        head, sep, rest = msg.partition(": ")
+        if sep and " " not in head:
+            return f"{origins.get(head, source)}: {head}: {rest}"
     path = ".".join(str(p) for p in loc) or "(top level)"
     where = origins.get(path) or origins.get(".".join(str(p) for p in loc[:-1])) or source
-    kind, msg, value = err["type"], err["msg"], err.get("input")
     if kind == "extra_forbidden":
         valid = _schema_fields(loc)
         hint = did_you_mean(loc[-1], valid)
@@ -182,7 +193,7 @@ def _explain(err: dict, origins: dict[str, str], source: str) -> str:
         options = [o.strip(" '") for o in expected.replace(" or ", ",").split(",")]
         return f"{where}: {path}: got {value!r}, expected one of {expected}{did_you_mean(value, options)}"
     if kind == "value_error":
-        return f"{where}: {path}: {msg.removeprefix('Value error, ')}"
+        return f"{where}: {path}: {msg}"
     return f"{where}: {path}: {msg}, got {value!r}"
 
 
@@ -267,7 +278,8 @@ def load_recipe(ref: str | Path, overrides: list[str] | tuple[str, ...] = (), ch
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(str(path), [_explain(err, origins, str(path)) for err in e.errors()]) from None
+        problems = list(dict.fromkeys(_explain(err, origins, str(path)) for err in e.errors()))
+        raise RecipeError(str(path), problems) from None
     if check_references:
         problems = _check_references(recipe, origins, str(path))
         if problems:

@@ -35,9 +35,9 @@ class ModelSection(Section):
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
         if bool(self.name_or_path) == bool(self.arch):
-            raise ValueError("set exactly one of 'name_or_path' (pretrained) or 'arch' (from scratch)")
+            raise ValueError("model.name_or_path: set exactly one of name_or_path (pretrained) or arch (from scratch)")
         if self.config and not self.arch:
-            raise ValueError("'config' applies only to a model built from scratch ('arch')")
+            raise ValueError("model.config: applies only to a model built from scratch (model.arch)")
         return self
 
 
@@ -172,11 +172,11 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         if self.quant.bits and self.adapter.type == "none":
-            raise ValueError("a quantized base cannot be trained in full: set adapter.type: lora (QLoRA)")
+            raise ValueError("quant.bits: a quantized base cannot be trained in full: set adapter.type: lora (QLoRA)")
         if self.quant.bits and self.model.arch:
-            raise ValueError("quant applies to pretrained weights (model.name_or_path), not a model built from scratch")
+            raise ValueError("quant.bits: quantization applies to pretrained weights (model.name_or_path), not to a model built from scratch")
         if self.tokenizer.train and not self.model.arch:
-            raise ValueError("tokenizer.train builds a new vocabulary: only for a model built from scratch (model.arch)")
+            raise ValueError("tokenizer.train: a new vocabulary is only for a model built from scratch (model.arch)")
         if self.model.arch and not self.tokenizer.train and not self.tokenizer.name_or_path:
-            raise ValueError("a model built from scratch needs a tokenizer: set tokenizer.train: true or tokenizer.name_or_path")
+            raise ValueError("tokenizer.train: a model built from scratch needs a tokenizer: set tokenizer.train: true or tokenizer.name_or_path")
         return self
