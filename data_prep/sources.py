@@ -18,29 +18,26 @@ def read_records(source: str, fmt: str, split: str = "train") -> list[dict]:
     import datasets
 
     path = Path(source).expanduser()
-    if path.suffix in LOADERS:
-        if not path.exists():
-            raise DataError(f"data.source: file '{source}' does not exist")
-        try:
-            ds = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train")
-        except Exception as e:  # datasets wraps parse errors in several types
-            raise DataError(f"{source}: cannot be read as {path.suffix} ({type(e).__name__}: {e})") from None
-    else:
-        ds = datasets.load_dataset(source, split=split)
-        path = Path("")
-    records = list(ds)
+    if path.suffix not in LOADERS:  # a Hub dataset id
+        return list(datasets.load_dataset(source, split=split))
+    if not path.exists():
+        raise DataError(f"data.source: file '{source}' does not exist")
+    try:
+        records = list(datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train"))
+    except Exception as e:  # datasets wraps parse errors in several types
+        raise DataError(f"{source}: cannot be read as {path.suffix} ({type(e).__name__}: {e})") from None
     if path.suffix == ".txt":
         # datasets' text loader yields one record per line; blank lines (paragraph breaks) carry no text.
         records = [r for r in records if r["text"].strip()]
     return records
 
 
-def load_training_dataset(data, max_samples: int | None = None):
+def load_training_dataset(data):
     """The recipe's data section -> a datasets.Dataset with trl's columns (text, or prompt + completion)."""
     import datasets
 
     records = read_records(data.source, data.format, data.split)
-    if max_samples or data.max_samples:
-        records = records[: max_samples or data.max_samples]
+    if data.max_samples:
+        records = records[: data.max_samples]
     rows = to_training_rows(records, data.format, data.source, data.template, data.text_field)
     return datasets.Dataset.from_list(rows)

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ValidationError
 from hf_vram.errors import RecipeError, UserError, did_you_mean
 from hf_vram.recipe.schema import Recipe
 
-LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 COMMAND_LINE = "command line"
 
 
@@ -200,6 +199,7 @@ def _explain(err: dict, origins: dict[str, str], source: str) -> str:
 def _check_references(recipe: Recipe, origins: dict[str, str], source: str) -> list[str]:
     """Things pydantic cannot see: files that must exist, recipe dependencies, builtin data, config keys."""
     from data_prep.builtin import BUILTIN_SOURCES
+    from data_prep.sources import LOADERS
 
     problems = []
 
@@ -214,7 +214,7 @@ def _check_references(recipe: Recipe, origins: dict[str, str], source: str) -> l
                 f"{at('data.source')}: data.source: no builtin dataset '{name}'{did_you_mean(name, BUILTIN_SOURCES)}; "
                 f"builtin: {', '.join(BUILTIN_SOURCES)}"
             )
-    elif src.endswith(LOCAL_DATA_SUFFIXES) or src.startswith((".", "/", "~")):
+    elif src.endswith(tuple(LOADERS)) or src.startswith((".", "/", "~")):
         if not Path(src).expanduser().exists():
             problems.append(
                 f"{at('data.source')}: data.source: file '{src}' does not exist (relative paths are read from the "
