@@ -87,6 +87,21 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_push(args) -> int:
+    from hf_vram.hub import push_output
+
+    print(push_output(Path(args.output_dir), repo_id=args.repo, private=args.private))
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from hf_vram.export import merge_adapter
+
+    dest = merge_adapter(Path(args.output_dir), Path(args.out) if args.out else None, args.dtype, args.max_shard_size)
+    print(f"merged model written to {dest}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf-vram", description="Train and fine-tune models on one consumer GPU.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -111,6 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--raw", action="store_true", help="do not wrap the prompt in the recipe's template")
     s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("merge", help="merge a trained adapter into its base (reloaded unquantized) and save the model")
+    s.add_argument("output_dir", help="an adapter output directory")
+    s.add_argument("--out", help="where the merged model goes (default: OUTPUT_DIR/merged)")
+    s.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="dtype of the merged weights (auto: the base's own)")
+    s.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (an index is written when sharded)")
+    s.set_defaults(func=_cmd_merge)
+
+    s = sub.add_parser("push", help="upload an output directory and its model card to the Hugging Face Hub")
+    s.add_argument("output_dir")
+    s.add_argument("--repo", help="owner/name (default: hub.repo_id of the output's recipe)")
+    vis = s.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_true", default=None, help="create the repository private")
+    vis.add_argument("--public", dest="private", action="store_false", help="create the repository public")
+    s.set_defaults(func=_cmd_push)
     return p
 
 

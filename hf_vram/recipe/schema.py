@@ -62,8 +62,10 @@ class QuantSection(Section):
 
 
 class AdapterSection(Section):
-    # none = train all weights of the model; lora = train a low-rank adapter (peft).
-    type: Literal["none", "lora"] = "none"
+    # What is trained (peft): none = every weight (full fine-tune); lora = low-rank adapters; dora = LoRA with a
+    # learned magnitude per output (DoRA); rslora = LoRA scaled by alpha/sqrt(r), steadier at high ranks;
+    # llama-adapter = learned prompts with zero-init gates in the top layers (peft's adaption prompt, Llama/Mistral).
+    type: Literal["none", "lora", "dora", "rslora", "llama-adapter"] = "none"
     # LoRA rank.
     r: int = Field(16, ge=1)
     # LoRA scaling numerator (scale = alpha / r).
@@ -72,25 +74,41 @@ class AdapterSection(Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     # Which linear layers get an adapter: all-linear, or a list of module names (q_proj, v_proj, ...).
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    # llama-adapter: learned prompt tokens per adapted layer.
+    prompt_length: int = Field(10, ge=1)
+    # llama-adapter: how many of the top layers get a prompt.
+    prompt_layers: int = Field(30, ge=1)
 
 
 class DataSection(Section):
     # A local file (.json, .jsonl, .csv, .parquet, .txt), a Hub dataset id, or builtin:NAME
     # (data the project generates; see `hf-vram recipes`).
     source: str
-    # Record layout: text (one text field, for pretraining) or alpaca (instruction/input/output).
-    format: Literal["text", "alpaca"] = "text"
+    # Record layout: text (one text field: pretraining), alpaca (instruction/input/output), sharegpt
+    # (conversations of from/value), messages (role/content), prompt_completion (prompt/completion), or
+    # preference (chosen/rejected pairs, for task: dpo). A record that does not fit is an error.
+    format: Literal["text", "alpaca", "sharegpt", "messages", "prompt_completion", "preference"] = "text"
     # Dataset split to train on (Hub datasets and builtin sources).
     split: str = "train"
+    # Held-out evaluation: a split name of the source (Hub, builtin), or empty to hold out val_size of the records.
+    eval_split: str | None = None
+    # Fraction of the records held out for evaluation when eval_split is empty (0 = no evaluation).
+    val_size: float = Field(0.0, ge=0.0, lt=1.0)
     # Field holding the text, for format: text in json/jsonl/csv/parquet files.
     text_field: str = "text"
-    # Prompt layout for instruction formats: alpaca (Stanford Alpaca's preamble) or alpaca-short (no preamble).
+    # Prompt layout for alpaca records: alpaca (Stanford Alpaca's preamble) or alpaca-short (no preamble).
     template: Literal["alpaca", "alpaca-short"] = "alpaca"
+    # Conversation layout for sharegpt / messages / preference records: auto = the tokenizer's chat template when
+    # it has one, else plain; plain = "### User:" / "### Assistant:" turns, each answer ended by EOS (no new
+    # tokens); chatml = <|im_start|>role ... <|im_end|> (the two tokens are added when the vocabulary lacks them).
+    chat_template: Literal["auto", "plain", "chatml"] = "auto"
+    # Text put in place of {{key}} placeholders in every field (e.g. name: MyBot for LLaMA-Factory's identity data).
+    placeholders: dict[str, str] = Field(default_factory=dict)
     # Longest sequence in tokens; longer samples are truncated.
     max_length: int = Field(512, ge=8)
     # Pack several samples into each sequence (no padding waste).
     packing: bool = False
-    # Also train on prompt tokens; by default only the responses are trained.
+    # Also train on prompt and user tokens; by default only responses (every assistant turn) and EOS are trained.
     train_on_prompt: bool = False
     # Use only the first N records (quick trials); empty = all.
     max_samples: int | None = Field(None, ge=1)
@@ -129,6 +147,8 @@ class TrainSection(Section):
     seed: int = 42
     # Log loss and learning rate every N steps.
     logging_steps: int = Field(10, ge=1)
+    # Evaluate on the held-out data (loss, perplexity) every N steps and at the end; empty = at the end only.
+    eval_steps: int | None = Field(None, ge=1)
     # Write a resumable checkpoint every N steps.
     save_steps: int = Field(200, ge=1)
     # Keep this many complete checkpoints (older ones are removed after a newer one is complete).
@@ -148,8 +168,17 @@ class EvalSection(Section):
     max_new_tokens: int = Field(32, ge=1)
 
 
+class DPOSection(Section):
+    # Strength of the pull towards the reference model (DPO's beta): lower lets the policy move further.
+    beta: float = Field(0.1, gt=0)
+    # DPO loss: sigmoid (the DPO paper's), ipo, hinge, robust, ... (any of trl's loss_type values).
+    loss_type: str = "sigmoid"
+    # Longest prompt in tokens; longer prompts keep their end.
+    max_prompt_length: int = Field(256, ge=8)
+
+
 class HubSection(Section):
-    # Hub repository for the output (owner/name), written into the model card's usage example.
+    # Hub repository (owner/name): the output is pushed there when training ends, and named in the model card.
     repo_id: str | None = None
     # Create the repository as private when it is pushed.
     private: bool = True
@@ -158,8 +187,9 @@ class HubSection(Section):
 class Recipe(Section):
     # One line shown by `hf-vram recipes` and in the model card.
     description: str = ""
-    # Kind of training: sft = causal language modelling on text or instructions (trl's SFTTrainer).
-    task: Literal["sft"] = "sft"
+    # Kind of training: sft = causal language modelling on text, instructions or chats (trl's SFTTrainer);
+    # dpo = preference optimisation on chosen/rejected pairs (trl's DPOTrainer).
+    task: Literal["sft", "dpo"] = "sft"
     model: ModelSection
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     quant: QuantSection = Field(default_factory=QuantSection)
@@ -167,6 +197,7 @@ class Recipe(Section):
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    dpo: DPOSection = Field(default_factory=DPOSection)
     hub: HubSection = Field(default_factory=HubSection)
 
     @model_validator(mode="after")
@@ -175,6 +206,8 @@ class Recipe(Section):
             raise ValueError("quant.bits: a quantized base cannot be trained in full: set adapter.type: lora (QLoRA)")
         if self.quant.bits and self.model.arch:
             raise ValueError("quant.bits: quantization applies to pretrained weights (model.name_or_path), not to a model built from scratch")
+        if (self.task == "dpo") != (self.data.format == "preference"):
+            raise ValueError("data.format: task dpo trains on format preference, and format preference needs task: dpo")
         if self.tokenizer.train and not self.model.arch:
             raise ValueError("tokenizer.train: a new vocabulary is only for a model built from scratch (model.arch)")
         if self.model.arch and not self.tokenizer.train and not self.tokenizer.name_or_path:
