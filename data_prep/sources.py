@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from data_prep.builtin import BUILTIN_SOURCES
-from data_prep.formats import to_training_rows
 from hf_vram.errors import DataError
 
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -29,15 +29,16 @@ def read_records(source: str, fmt: str, split: str = "train") -> list[dict]:
     if path.suffix == ".txt":
         # datasets' text loader yields one record per line; blank lines (paragraph breaks) carry no text.
         records = [r for r in records if r["text"].strip()]
+    if len(records) and fmt != "text" and not any(records[0].values()):
+        raise DataError(f"{source}: the first record has no values; is data.format '{fmt}' the file's layout?")
     return records
 
 
-def load_training_dataset(data):
-    """The recipe's data section -> a datasets.Dataset with trl's columns (text, or prompt + completion)."""
-    import datasets
-
-    records = read_records(data.source, data.format, data.split)
-    if data.max_samples:
-        records = records[: data.max_samples]
-    rows = to_training_rows(records, data.format, data.source, data.template, data.text_field)
-    return datasets.Dataset.from_list(rows)
+def source_fingerprint(source: str) -> str:
+    """What identifies a source's content for caching: a local file's size and modification time, else its name
+    (Hub datasets are versioned by the datasets cache; builtin data by the code)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        st = path.stat()
+        return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    return source

@@ -1,19 +1,139 @@
-"""The model card (README.md) written into every output directory, with Hub metadata."""
+"""The model card (README.md) written into every output directory, with Hub metadata.
+
+Only what the recipe and the run's summary hold is shown: a value the summary lacks is left out, never
+guessed. `hf-vram push` (hf_vram/hub.py) points the usage line at the repository pushed to.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
 from hf_vram.recipe.load import LoadedRecipe
 
+GIB = 2**30
+
+# Tags per adapter type; the LoRA variants keep `lora` so that the Hub's LoRA filters find them.
+_ADAPTER_TAGS = {
+    "lora": ["lora"],
+    "dora": ["lora", "dora"],
+    "rslora": ["lora", "rslora"],
+    "llama-adapter": ["llama-adapter"],
+}
+_ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA"}
+
 
 def _hub_id(ref: str | None) -> str | None:
-    """A Hub id for card metadata, or None for local paths and recipe dependencies."""
-    if not ref or ref.startswith(("recipe:", ".", "/", "~")) or Path(ref).exists() or ref.count("/") != 1:
+    """A Hub id for card metadata, or None for local paths, recipe dependencies and builtin data."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from data_prep.sources import LOADERS
+
+    if not ref or ref.startswith(("recipe:", "builtin:", ".", "/", "~")) or ref.endswith(tuple(LOADERS)):
+        return None
+    if Path(ref).expanduser().exists():
+        return None
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
         return None
     return ref
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h} h {m:02d} min" if h else (f"{m} min {s:02d} s" if m else f"{s} s")
+
+
+def _peak_memory(summary: dict) -> str | None:
+    if "cuda_max_allocated_bytes" in summary:
+        text = f"{summary['cuda_max_allocated_bytes'] / GIB:.2f} GiB of GPU memory allocated by tensors"
+        if "cuda_max_reserved_bytes" in summary:
+            text += f" ({summary['cuda_max_reserved_bytes'] / GIB:.2f} GiB reserved by PyTorch's allocator)"
+        return text
+    if "cpu_process_max_rss_bytes" in summary:
+        return f"{summary['cpu_process_max_rss_bytes'] / GIB:.2f} GiB resident memory of the training process (CPU run)"
+    return None
+
+
+def _num(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _tags(loaded: LoadedRecipe) -> list[str]:
+    r = loaded.recipe
+    tags = ["hf-vram", loaded.name, "trl", "text-generation"]
+    if r.adapter.type != "none":
+        tags += ["peft", *_ADAPTER_TAGS[r.adapter.type]]
+    if r.quant.bits:
+        tags += ["bitsandbytes", f"{r.quant.bits}-bit"]
+        if r.quant.bits == 4 and r.adapter.type in ("lora", "dora", "rslora"):
+            tags.append("qlora")
+    if r.task == "dpo":
+        tags.append("dpo")
+    elif r.data.format != "text":
+        tags.append("sft")
+    return list(dict.fromkeys(tags))
+
+
+def _what(loaded: LoadedRecipe) -> str:
+    r = loaded.recipe
+    base = f"`{r.model.name_or_path}`"
+    if r.quant.bits == 4:
+        base += f" loaded in 4-bit {r.quant.type}" + (" with double quantization" if r.quant.double_quant else "")
+    elif r.quant.bits == 8:
+        base += " loaded in 8-bit (LLM.int8)"
+    kind = r.adapter.type
+    if kind == "llama-adapter":
+        what = (
+            f"a Llama-Adapter (learned prompts of {r.adapter.prompt_length} tokens in the top "
+            f"{r.adapter.prompt_layers} layers) on {base}"
+        )
+    elif kind != "none":
+        what = f"a {_ADAPTER_NAMES[kind]} adapter (r={r.adapter.r}, alpha={r.adapter.alpha}) on {base}"
+    elif r.model.arch:
+        what = f"a `{r.model.arch}` model trained from scratch"
+    else:
+        what = f"a full fine-tune of {base}"
+    if r.task == "dpo":
+        what += f", trained by DPO on preference pairs (beta={r.dpo.beta}, loss {r.dpo.loss_type})"
+    return what
+
+
+def _training_rows(loaded: LoadedRecipe, summary: dict) -> list[tuple[str, object]]:
+    r = loaded.recipe
+    s = summary
+    rows: list[tuple[str, object]] = [
+        ("recipe", f"`{s.get('recipe', loaded.name)}` (task {r.task})"),
+        ("data", f"`{r.data.source}` ({r.data.format}, max length {r.data.max_length}, packing {r.data.packing})"),
+    ]
+    if "samples" in s:
+        rows.append(("training samples", s["samples"]))
+    if "global_step" in s:
+        rows.append(("optimizer steps", s["global_step"]))
+    rows.append(
+        ("global batch", f"{r.train.micro_batch_size} x {r.train.grad_accum} x {s.get('world_size', 1)} process(es)")
+    )
+    rows += [("learning rate", f"{r.train.lr} ({r.train.lr_scheduler})"), ("optimizer", r.train.optimizer)]
+    if s.get("first_loss") is not None:
+        rows.append(("first training loss", _num(s["first_loss"])))
+    if s.get("final_loss") is not None:
+        rows.append(("final training loss", _num(s["final_loss"])))
+    if s.get("eval_loss") is not None:
+        rows.append(("held-out loss", _num(s["eval_loss"])))
+    if s.get("eval_perplexity") is not None:
+        rows.append(("held-out perplexity", _num(s["eval_perplexity"])))
+    if "trainable_params" in s and "total_params" in s:
+        rows.append(("trainable / total parameters", f"{s['trainable_params']:,} / {s['total_params']:,}"))
+    if (memory := _peak_memory(s)) is not None:
+        rows.append(("peak memory", memory))
+    if s.get("train_seconds") is not None:
+        rows.append(("training time", _duration(s["train_seconds"]) + f" on {s.get('world_size', 1)} process(es)"))
+    return rows
 
 
 def model_card(loaded: LoadedRecipe, summary: dict) -> ModelCard:
@@ -21,38 +141,31 @@ def model_card(loaded: LoadedRecipe, summary: dict) -> ModelCard:
     adapter = r.adapter.type != "none"
     base = _hub_id(r.model.name_or_path)
     dataset = _hub_id(r.data.source)
-    tags = ["hf-vram", "text-generation"]
-    if adapter:
-        tags += ["lora", "peft"] + (["qlora", f"{r.quant.bits}-bit"] if r.quant.bits else [])
     data = ModelCardData(
         library_name="peft" if adapter else "transformers",
         pipeline_tag="text-generation",
         base_model=base,
+        # Lets the Hub list this model under its base as an adapter or a fine-tune.
+        base_model_relation=("adapter" if adapter else "finetune") if base else None,
         datasets=[dataset] if dataset else None,
-        tags=tags,
+        tags=_tags(loaded),
     )
-    what = (
-        f"a {r.adapter.type.upper()} adapter (r={r.adapter.r}, alpha={r.adapter.alpha}) on "
-        f"`{r.model.name_or_path}`" + (f" loaded in {r.quant.bits}-bit {r.quant.type}" if r.quant.bits else "")
-        if adapter
-        else (f"a `{r.model.arch}` model trained from scratch" if r.model.arch else f"a full fine-tune of `{r.model.name_or_path}`")
-    )
-    rows = "\n".join(
-        f"| {k} | {v} |"
-        for k, v in [
-            ("data", f"`{r.data.source}` ({r.data.format}, max length {r.data.max_length}, packing {r.data.packing})"),
-            ("steps", summary.get("global_step")),
-            ("global batch", f"{r.train.micro_batch_size} x {r.train.grad_accum} x {summary.get('world_size', 1)} processes"),
-            ("learning rate", f"{r.train.lr} ({r.train.lr_scheduler})"),
-            ("optimizer", r.train.optimizer),
-            ("final training loss", summary.get("final_loss")),
-            ("trainable / total parameters", f"{summary.get('trainable_params')} / {summary.get('total_params')}"),
-        ]
-    )
+    model_ref = r.hub.repo_id or str(loaded.output_dir)
+    prompt = r.eval.sample_prompts[0] if r.eval.sample_prompts else "Hello"
+    base_note = ""
+    if adapter and r.model.name_or_path and not base:
+        base_note = (
+            f"\nThe adapter's base is `{r.model.name_or_path}`, which is not a Hub model: `adapter_config.json` "
+            "names it as `base_model_name_or_path`, and loading needs that base at that path.\n"
+        )
+    rows = "\n".join(f"| {k} | {v} |" for k, v in _training_rows(loaded, summary))
     scores = ""
-    if "score_before" in summary:
+    if "score_before" in summary and "score_after" in summary:
         b, a = summary["score_before"], summary["score_after"]
-        scores = f"\n## Evaluation\n\nHeld-out exact match: {b['accuracy']:.1%} before training, {a['accuracy']:.1%} after ({a['correct']}/{a['total']}).\n"
+        scores = (
+            f"\n## Evaluation\n\nHeld-out exact match: {b['accuracy']:.1%} before training, {a['accuracy']:.1%} after "
+            f"({a['correct']}/{a['total']}).\n"
+        )
     text = f"""---
 {data.to_yaml()}
 ---
@@ -61,17 +174,17 @@ def model_card(loaded: LoadedRecipe, summary: dict) -> ModelCard:
 
 {r.description}
 
-This is {what}, trained with hf-vram from the recipe `{loaded.name}` (the resolved recipe is `recipe.yaml`).
+This is {_what(loaded)}, trained with hf-vram from the recipe `{loaded.name}` (the resolved recipe is `recipe.yaml`).
 
 ## Use
 
 ```python
 from transformers import pipeline
 
-pipe = pipeline("text-generation", model="{r.hub.repo_id or 'PATH_TO_THIS_DIRECTORY'}")
-print(pipe("Hello", max_new_tokens=32)[0]["generated_text"])
+pipe = pipeline("text-generation", model={json.dumps(model_ref)})
+print(pipe({json.dumps(prompt)}, max_new_tokens={r.eval.max_new_tokens})[0]["generated_text"])
 ```
-
+{base_note}
 ## Training
 
 | setting | value |

@@ -7,16 +7,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from data_prep.formats import alpaca_prompt
+from data_prep.formats import CHAT_FORMATS, alpaca_prompt
 
 
-def prompt_for(output_dir: str | Path, prompt: str) -> str:
-    """Wrap a bare prompt in the template the output was trained with (read from its saved recipe)."""
+def prompt_for(output_dir: str | Path, prompt: str) -> str | list[dict]:
+    """Wrap a bare prompt the way the output was trained (read from its saved recipe): Alpaca's template, or a
+    user message that the pipeline renders with the chat template saved beside the model."""
     recipe_file = Path(output_dir) / "recipe.yaml"
     if recipe_file.is_file():
         data = yaml.safe_load(recipe_file.read_text()).get("data", {})
         if data.get("format") == "alpaca":
             return alpaca_prompt(prompt, "", data.get("template", "alpaca"))
+        if data.get("format") in (*CHAT_FORMATS, "preference"):
+            return [{"role": "user", "content": prompt}]
     return prompt
 
 
@@ -26,7 +29,7 @@ def pipeline_generate(output_dir: str | Path, prompts: list[str], max_new_tokens
 
     pipe = pipeline("text-generation", model=str(output_dir))
     texts = [p if raw else prompt_for(output_dir, p) for p in prompts]
-    outs = pipe(texts, max_new_tokens=max_new_tokens, do_sample=False, return_full_text=False)
+    outs = [pipe(t, max_new_tokens=max_new_tokens, do_sample=False, return_full_text=False) for t in texts]
     return [o[0]["generated_text"] for o in outs]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from hf_vram.build.adapter import lora_config
+from hf_vram.build.adapter import adapter_config
 from hf_vram.build.quant import bnb_config, sharded_launch
 from hf_vram.device import has_cuda, torch_dtype
 from hf_vram.recipe.schema import Recipe
@@ -68,16 +68,35 @@ def build_model(recipe: Recipe, tokenizer, model_path: str | None):
                 use_gradient_checkpointing=recipe.train.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
+    new_token_ids = grow_vocabulary(model, tokenizer)
     if tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.eos_token_id is not None:
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-    lora = lora_config(recipe.adapter)
-    if lora is not None:
+        # A chat template's end-of-turn token (ChatML's <|im_end|>) stops generation as EOS does.
+        stops = [tokenizer.eos_token_id] + [
+            i for i in tokenizer.convert_tokens_to_ids(["<|im_end|>"]) if i is not None and i != tokenizer.unk_token_id
+        ]
+        model.generation_config.eos_token_id = sorted(set(stops)) if len(set(stops)) > 1 else stops[0]
+    adapter = recipe.adapter
+    if adapter.type == "llama-adapter":
+        # The paper adapts the top 30 of 32 layers; a smaller model gets all of its layers at most.
+        adapter = adapter.model_copy(update={"prompt_layers": min(adapter.prompt_layers, model.config.num_hidden_layers)})
+    peft_config = adapter_config(adapter, new_token_ids, bool(getattr(model.config, "tie_word_embeddings", False)))
+    if peft_config is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, peft_config)
     return model
+
+
+def grow_vocabulary(model, tokenizer) -> list[int]:
+    """Resize the embeddings to a tokenizer that gained tokens (a chat template's); returns the new ids.
+    New rows start at the mean of the old ones (transformers' mean resizing), a neutral starting point."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return []
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return list(range(rows, len(tokenizer)))
 
 
 def keep_4bit_layout_for_training(model) -> None:

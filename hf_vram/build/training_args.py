@@ -1,21 +1,23 @@
-"""train + data sections -> trl.SFTConfig (the only place training arguments are built)."""
+"""train + data sections -> trl.SFTConfig or trl.DPOConfig (the only place training arguments are built)."""
 
 from __future__ import annotations
 
 import os
 
-from trl import SFTConfig
+from trl import DPOConfig, SFTConfig
 
 from hf_vram.device import has_cuda, mixed_precision
 from hf_vram.recipe.schema import Recipe
 
 
-def sft_config(recipe: Recipe, output_dir: str) -> SFTConfig:
-    t, d = recipe.train, recipe.data
+def _common(recipe: Recipe, output_dir: str, has_eval: bool) -> dict:
+    """Arguments every trainer takes (transformers.TrainingArguments)."""
+    t = recipe.train
     precision = mixed_precision(t.precision)
-    return SFTConfig(
+    return dict(
         output_dir=output_dir,
         per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -36,6 +38,9 @@ def sft_config(recipe: Recipe, output_dir: str) -> SFTConfig:
         logging_first_step=True,
         # NaN/inf losses stop the run (see train/guard.py) instead of being dropped from the logs.
         logging_nan_inf_filter=False,
+        # Held-out evaluation every eval_steps; the runner evaluates once more at the end in any case.
+        eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
         # Rotation is done by hf-vram after a checkpoint is complete (train/checkpoints.py), never before.
@@ -47,8 +52,28 @@ def sft_config(recipe: Recipe, output_dir: str) -> SFTConfig:
         ddp_backend="gloo" if not has_cuda() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
+    )
+
+
+def sft_config(recipe: Recipe, output_dir: str, has_eval: bool = False) -> SFTConfig:
+    d = recipe.data
+    return SFTConfig(
+        **_common(recipe, output_dir, has_eval),
         max_length=d.max_length,
         packing=d.packing,
-        completion_only_loss=not d.train_on_prompt if d.format != "text" else None,
+        # The data arrives tokenized with its labels (data_prep/tokenize.py: masks, EOS, truncation, drops).
         dataset_text_field="text",
     )
+
+
+def dpo_config(recipe: Recipe, output_dir: str, has_eval: bool = False) -> DPOConfig:
+    return DPOConfig(
+        **_common(recipe, output_dir, has_eval),
+        max_length=recipe.data.max_length,
+        beta=recipe.dpo.beta,
+        loss_type=[recipe.dpo.loss_type],
+    )
+
+
+def training_args(recipe: Recipe, output_dir: str, has_eval: bool = False):
+    return (dpo_config if recipe.task == "dpo" else sft_config)(recipe, output_dir, has_eval)

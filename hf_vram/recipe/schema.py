@@ -173,8 +173,6 @@ class DPOSection(Section):
     beta: float = Field(0.1, gt=0)
     # DPO loss: sigmoid (the DPO paper's), ipo, hinge, robust, ... (any of trl's loss_type values).
     loss_type: str = "sigmoid"
-    # Longest prompt in tokens; longer prompts keep their end.
-    max_prompt_length: int = Field(256, ge=8)
 
 
 class HubSection(Section):

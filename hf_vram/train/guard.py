@@ -1,16 +1,17 @@
-"""Stop a run at the first non-finite loss, naming the step, instead of training on garbage."""
+"""trl's trainers with two additions: a run stops at the first non-finite loss, naming the step, instead of
+training on garbage; held-out evaluation also reports perplexity (exp of the mean token loss)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
-from trl import SFTTrainer
+from trl import DPOTrainer, SFTTrainer
 
 from hf_vram.errors import TrainingStopped
 
 
-class GuardedSFTTrainer(SFTTrainer):
-    """trl's SFTTrainer, checking every micro-batch's loss. The Trainer only filters NaN out of its logs."""
-
+class _Guard:
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
@@ -19,3 +20,17 @@ class GuardedSFTTrainer(SFTTrainer):
                 f"train.precision: fp32. Re-running resumes from the last complete checkpoint in {self.args.output_dir}"
             )
         return loss
+
+
+class GuardedSFTTrainer(_Guard, SFTTrainer):
+    def evaluate(self, *args, **kwargs):
+        metrics = super().evaluate(*args, **kwargs)
+        if "eval_loss" in metrics:
+            # The Trainer logs eval_loss only; a language model's figure of merit is its perplexity.
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+            self.log({"eval_perplexity": metrics["eval_perplexity"]})
+        return metrics
+
+
+class GuardedDPOTrainer(_Guard, DPOTrainer):
+    pass

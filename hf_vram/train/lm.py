@@ -18,17 +18,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_prep.sources import load_training_dataset
+from data_prep.chat import install_chat_template
+from data_prep.formats import CHAT_FORMATS
+from data_prep.prepare import Prepared, example_texts, load_examples, prepare_dataset
 from hf_vram.atomic import atomic_write_json, atomic_write_text
 from hf_vram.build.model import build_model, count_parameters
 from hf_vram.build.tokenizer import load_tokenizer
-from hf_vram.build.training_args import sft_config
+from hf_vram.build.training_args import training_args
 from hf_vram.card import model_card
 from hf_vram.device import torch_dtype
 from hf_vram.evaluate import scorable, score
 from hf_vram.recipe.load import LoadedRecipe, find_recipe, load_recipe
 from hf_vram.train.checkpoints import CommitCheckpoints, discard_incomplete, latest_complete
-from hf_vram.train.guard import GuardedSFTTrainer
+from hf_vram.train.guard import GuardedDPOTrainer, GuardedSFTTrainer
 
 SUMMARY = "train_summary.json"
 
@@ -53,12 +55,6 @@ def resolve_dependencies(loaded: LoadedRecipe) -> tuple[str | None, str | None]:
     """(model path, tokenizer path) of a recipe, its recipe dependencies trained."""
     model_path = resolve_reference(loaded, loaded.recipe.model.name_or_path)
     return model_path, resolve_reference(loaded, loaded.recipe.tokenizer.name_or_path) or model_path
-
-
-def _training_texts(dataset):
-    cols = dataset.column_names
-    for row in dataset:
-        yield row["text"] if "text" in cols else row["prompt"] + row["completion"]
 
 
 def _rank_checksums(model) -> list[str]:
@@ -109,6 +105,36 @@ class Run:
         return self.trainer.args.process_index == 0
 
 
+def prepare_data(loaded: LoadedRecipe, tokenizer_path: str | None, args=None) -> tuple[object, Prepared]:
+    """The recipe's tokenizer (chat template installed) and its tokenized, cached data. Under a launcher the main
+    process trains the tokenizer and fills the cache while the others wait, then they load the same files, so
+    every rank has the same vocabulary and a resumed run keeps the one its checkpoints were trained with."""
+    from contextlib import nullcontext
+
+    recipe, out = loaded.recipe, loaded.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+
+    def first(desc):
+        return args.main_process_first(local=False, desc=desc) if args is not None else nullcontext()
+
+    examples = load_examples(recipe.data, recipe.train.seed)
+    tokenizer_dir = out / "tokenizer-trained"
+    with first("tokenizer"):
+        if recipe.tokenizer.train and (tokenizer_dir / "tokenizer.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        else:
+            tokenizer = load_tokenizer(recipe, tokenizer_path, example_texts(examples.train))
+            if recipe.tokenizer.train:
+                tokenizer.save_pretrained(tokenizer_dir)
+    if recipe.data.format in (*CHAT_FORMATS, "preference"):
+        install_chat_template(tokenizer, recipe.data.chat_template)
+    with first("dataset"):
+        prepared = prepare_dataset(examples, tokenizer, recipe.data, recipe.train.seed, out / "prepared")
+    return tokenizer, prepared
+
+
 def prepare(loaded: LoadedRecipe) -> Run:
     """Tokenizer, data, model and trainer for a recipe; trains its recipe dependencies first."""
     recipe = loaded.recipe
@@ -116,31 +142,21 @@ def prepare(loaded: LoadedRecipe) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     model_path, tokenizer_path = resolve_dependencies(loaded)
     # Training arguments first: they set up the process group (and DeepSpeed's config) that the rest relies on.
-    args = sft_config(recipe, str(out))
-
-    dataset = load_training_dataset(recipe.data)
-    tokenizer_dir = out / "tokenizer-trained"
-    # The main process trains (or finds) the tokenizer; the others wait and load the same files, so every rank
-    # has the same vocabulary, and a resumed run keeps the one its checkpoints were trained with.
-    with args.main_process_first(local=False, desc="tokenizer"):
-        if recipe.tokenizer.train and (tokenizer_dir / "tokenizer.json").is_file():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        else:
-            tokenizer = load_tokenizer(recipe, tokenizer_path, _training_texts(dataset))
-            if recipe.tokenizer.train:
-                tokenizer.save_pretrained(tokenizer_dir)
+    has_eval = bool(recipe.data.eval_split or recipe.data.val_size)
+    args = training_args(recipe, str(out), has_eval)
+    tokenizer, prepared = prepare_data(loaded, tokenizer_path, args)
 
     model = build_model(recipe, tokenizer, model_path)
     trainable, total = count_parameters(model)
     if args.process_index == 0:
         discard_incomplete(out)
         atomic_write_text(out / "recipe.yaml", loaded.resolved_yaml())
-    trainer = GuardedSFTTrainer(
+    trainer_class = GuardedDPOTrainer if recipe.task == "dpo" else GuardedSFTTrainer
+    trainer = trainer_class(
         model=model,
         args=args,
-        train_dataset=dataset,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
         processing_class=tokenizer,
         callbacks=[CommitCheckpoints(keep=recipe.train.save_total_limit)],
     )
@@ -150,7 +166,10 @@ def prepare(loaded: LoadedRecipe) -> Run:
         for p in trainer.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-    summary = {"recipe": loaded.name, "trainable_params": trainable, "total_params": total, "samples": len(dataset)}
+    summary = {
+        "recipe": loaded.name, "task": recipe.task, "trainable_params": trainable, "total_params": total,
+        "samples": len(prepared.train), "data": prepared.counts,
+    }
     return Run(loaded, trainer, tokenizer, latest_complete(out), summary)
 
 
@@ -190,6 +209,12 @@ def fit(run: Run) -> dict:
         resumed_from=str(run.resume) if run.resume else None,
         **_peak_memory(),
     )
+    if trainer.eval_dataset is not None:
+        metrics = trainer.evaluate()
+        summary.update({k: v for k, v in metrics.items() if k in ("eval_loss", "eval_perplexity", "eval_rewards/margins", "eval_rewards/accuracies")})
+    if recipe.task == "dpo":
+        margins = [e["rewards/margins"] for e in trainer.state.log_history if "rewards/margins" in e]
+        summary.update(first_reward_margin=margins[0] if margins else None, final_reward_margin=margins[-1] if margins else None)
     trainer.save_model(str(out))
     if not main:
         return summary
@@ -198,13 +223,18 @@ def fit(run: Run) -> dict:
         print(f"[hf-vram] score after training:  {_fmt_score(summary['score_after'])}", flush=True)
     model_card(run.loaded, summary).save(out / "README.md")
     atomic_write_json(out / SUMMARY, summary)
-    print(f"[hf-vram] saved {out} (final loss {summary['final_loss']})", flush=True)
+    print(f"[hf-vram] saved {out} (final loss {summary['final_loss']}"
+          + (f", held-out loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else "") + ")", flush=True)
     if recipe.eval.sample_prompts:
         from hf_vram.generate import pipeline_generate
 
         texts = pipeline_generate(out, recipe.eval.sample_prompts, recipe.eval.max_new_tokens)
         for p, t in zip(recipe.eval.sample_prompts, texts):
             print(f"[hf-vram] pipeline('text-generation', model='{out}')\n  prompt: {p!r}\n  output: {t!r}", flush=True)
+    if recipe.hub.repo_id:
+        from hf_vram.hub import push_output
+
+        print(f"[hf-vram] pushed to {push_output(out, recipe.hub.repo_id, recipe.hub.private)}", flush=True)
     return summary
 
 

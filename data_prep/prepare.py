@@ -1,0 +1,156 @@
+"""A recipe's data, end to end: records -> checked examples -> held-out split -> tokens and masks, cached.
+
+`hf-vram prepare RECIPE` runs this once; training finds the cache under OUTPUT_DIR/prepared/ and skips the
+work. The cache key covers the data section, the source's content, the tokenizer (vocabulary, specials,
+chat template) and the code's format version, so any change re-tokenizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.formats import Pair, to_examples
+from data_prep.sources import read_records, source_fingerprint
+from data_prep.tokenize import IGNORE, Counts, tokenize_examples
+from hf_vram.atomic import atomic_write_json
+
+# Bump when tokenization or masking changes: old caches are then ignored.
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Examples:
+    train: list
+    eval: list
+
+
+def load_examples(data, seed: int) -> Examples:
+    """Records of the recipe's source, checked against data.format, with the held-out part split off."""
+    def read(split):
+        records = read_records(data.source, data.format, split)
+        examples = to_examples(records, data.format, data.source, data.template, data.text_field, data.placeholders)
+        return examples[: data.max_samples] if data.max_samples else examples
+
+    train = read(data.split)
+    if data.eval_split:
+        return Examples(train, read(data.eval_split))
+    if data.val_size:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, round(len(train) * data.val_size))
+        held = set(order[:n_eval])
+        return Examples([e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)])
+    return Examples(train, [])
+
+
+def example_texts(examples: list):
+    """Raw text of examples (tokenizer training)."""
+    for ex in examples:
+        turns = ex.prompt + [("assistant", ex.chosen), ("assistant", ex.rejected)] if isinstance(ex, Pair) else ex
+        yield "\n".join(t for _, t in turns)
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True),
+             str(tokenizer.chat_template), str(tokenizer.all_special_tokens), str(tokenizer.eos_token)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def cache_key(data, tokenizer, seed: int) -> str:
+    blob = json.dumps(
+        {"data": data.model_dump(), "source": source_fingerprint(data.source), "seed": seed,
+         "tokenizer": _tokenizer_fingerprint(tokenizer), "version": FORMAT_VERSION},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def preference_rows(pairs: list[Pair]) -> list[dict]:
+    """Pairs -> trl's conversational preference columns: the DPO trainer renders them with the tokenizer's chat
+    template (the recipe's, installed on the tokenizer), so prompt and answers meet as they do at inference."""
+    def messages(turns):
+        return [{"role": r, "content": c} for r, c in turns]
+
+    return [
+        {"prompt": messages(p.prompt), "chosen": messages([("assistant", p.chosen)]), "rejected": messages([("assistant", p.rejected)])}
+        for p in pairs
+    ]
+
+
+@dataclass
+class Prepared:
+    train: object  # datasets.Dataset
+    eval: object | None
+    counts: dict  # split -> Counts as a dict
+    cache_dir: Path | None
+
+
+def prepare_dataset(examples: Examples, tokenizer, data, seed: int, cache_root: Path | None) -> Prepared:
+    """Tokenized train/eval datasets ({input_ids, labels}; for preference data {prompt, chosen, rejected}),
+    from the cache when it holds this exact preparation."""
+    import datasets
+
+    key = cache_key(data, tokenizer, seed)
+    cache = cache_root / key if cache_root else None
+    if cache and (cache / "counts.json").is_file():
+        counts = json.loads((cache / "counts.json").read_text())
+        ev = datasets.load_from_disk(str(cache / "eval")) if (cache / "eval").is_dir() else None
+        return Prepared(datasets.load_from_disk(str(cache / "train")), ev, counts, cache)
+
+    counts, built = {}, {}
+    for split, exs in (("train", examples.train), ("eval", examples.eval)):
+        if not exs:
+            continue
+        if data.format == "preference":
+            rows = preference_rows(exs)
+            counts[split] = Counts(samples=len(rows), kept=len(rows)).as_dict()
+        else:
+            rows, c = tokenize_examples(exs, tokenizer, data, data.source)
+            counts[split] = c.as_dict()
+        if rows:
+            built[split] = datasets.Dataset.from_list(rows)
+    if "train" not in built:
+        from hf_vram.errors import DataError
+
+        raise DataError(f"{data.source}: no sample keeps a trained token (all {counts['train']['dropped']} dropped); "
+                        "check data.max_length and data.train_on_prompt")
+    if cache:
+        # Written beside the final name, then renamed: a killed preparation leaves no cache that looks complete.
+        tmp = cache.with_name(cache.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for split, ds in built.items():
+            ds.save_to_disk(str(tmp / split))
+        atomic_write_json(tmp / "counts.json", counts)
+        shutil.rmtree(cache, ignore_errors=True)
+        tmp.rename(cache)
+    return Prepared(built["train"], built.get("eval"), counts, cache)
+
+
+def format_sample(row: dict, tokenizer, color: bool) -> str:
+    """A tokenized sample as text, trained stretches told apart: green on a terminal, else between [[ ]]."""
+    out, run, state = [], [], None
+
+    def flush():
+        if run:
+            text = tokenizer.decode(run)
+            if state and color:
+                out.append(f"\033[32m{text}\033[0m")
+            elif state:
+                out.append(f"[[{text}]]")
+            else:
+                out.append(text)
+
+    for tok, label in zip(row["input_ids"], row["labels"]):
+        trained = label != IGNORE
+        if trained != state:
+            flush()
+            run, state = [], trained
+        run.append(tok)
+    flush()
+    return "".join(out)
