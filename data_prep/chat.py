@@ -19,7 +19,9 @@ PLAIN_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
     "{% elif message['role'] == 'user' %}### User:\n{{ message['content'] }}\n\n"
-    "{% else %}### Assistant:\n{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}\n\n"
+    # (transformers renders templates with trim_blocks: a newline right after a block tag is dropped, hence '\n\n'
+    # as an expression here.)
+    "{% else %}### Assistant:\n{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}{{ '\n\n' }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
 )
@@ -72,7 +74,10 @@ def render_chat(tokenizer, turns: list[tuple[str, str]], where: str) -> list[tup
                 f"{where}: the chat template does not render this conversation turn by turn (turn {k} changes the "
                 "text before it), so the answers cannot be located; set data.chat_template: plain or chatml"
             )
-        segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        answer = full[len(prompt) :]
+        # The template's separator after the end-of-turn marker is layout, not part of the answer.
+        body = answer.rstrip()
+        segments += [(prompt[len(done) :], False), (body, True), (answer[len(body) :], False)]
         done = full
     rest = _render(tokenizer, turns, add_generation_prompt=False)[len(done) :]
     if rest:

@@ -52,14 +52,16 @@ def tokenize_segments(segments: list[tuple[str, bool]], tokenizer, max_length: i
             spans.append((pos, pos + len(t)))
         pos += len(t)
     # A chat template writes BOS itself when it wants one; plain text gets the tokenizer's own specials.
-    enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+    # Whole samples are tokenized and then cut at max_length (counted), so the length warning is noise here.
+    enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True, verbose=False)
     ids = list(enc["input_ids"])
     labels = [
         tok if end > start and any(a <= start < b for a, b in spans) else IGNORE
         for tok, (start, end) in zip(ids, enc["offset_mapping"])
     ]
     eos = tokenizer.eos_token_id
-    if eos is not None and segments and segments[-1][1]:
+    ends_trained = next((trained for t, trained in reversed(segments) if t.strip()), False)
+    if eos is not None and ends_trained:
         # Whitespace a template writes after its final end-of-turn marker is not part of the answer.
         while len(ids) > 1 and ids[-1] != eos and not tokenizer.decode(ids[-1:]).strip():
             ids.pop()

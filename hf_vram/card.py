@@ -100,7 +100,7 @@ def _what(loaded: LoadedRecipe) -> str:
     else:
         what = f"a full fine-tune of {base}"
     if r.task == "dpo":
-        what += f", trained by DPO on preference pairs (beta={r.dpo.beta}, loss {r.dpo.loss_type})"
+        what += f", tuned by DPO on preference pairs (beta={r.dpo.beta}, loss {r.dpo.loss_type})"
     return what
 
 
@@ -127,6 +127,11 @@ def _training_rows(loaded: LoadedRecipe, summary: dict) -> list[tuple[str, objec
         rows.append(("held-out loss", _num(s["eval_loss"])))
     if s.get("eval_perplexity") is not None:
         rows.append(("held-out perplexity", _num(s["eval_perplexity"])))
+    if s.get("final_reward_margin") is not None:
+        start = f"{_num(s['first_reward_margin'])} -> " if s.get("first_reward_margin") is not None else ""
+        rows.append(("DPO reward margin (chosen - rejected)", start + _num(s["final_reward_margin"])))
+    if s.get("eval_rewards/accuracies") is not None:
+        rows.append(("held-out preference accuracy", f"{s['eval_rewards/accuracies']:.1%}"))
     if "trainable_params" in s and "total_params" in s:
         rows.append(("trainable / total parameters", f"{s['trainable_params']:,} / {s['total_params']:,}"))
     if (memory := _peak_memory(s)) is not None:
@@ -174,7 +179,8 @@ def model_card(loaded: LoadedRecipe, summary: dict) -> ModelCard:
 
 {r.description}
 
-This is {_what(loaded)}, trained with hf-vram from the recipe `{loaded.name}` (the resolved recipe is `recipe.yaml`).
+This is {_what(loaded)}. It was trained with hf-vram from the recipe `{loaded.name}` (the resolved recipe is
+`recipe.yaml`).
 
 ## Use
 

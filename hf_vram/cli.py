@@ -76,6 +76,33 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_prepare(args) -> int:
+    import json
+
+    from data_prep.prepare import format_sample
+    from hf_vram.recipe.load import load_recipe
+    from hf_vram.train.lm import prepare_data, resolve_dependencies
+
+    loaded = load_recipe(args.recipe, args.overrides)
+    _, tokenizer_path = resolve_dependencies(loaded)
+    tokenizer, prepared = prepare_data(loaded, tokenizer_path)
+    for split, counts in prepared.counts.items():
+        print(f"{split}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    print(f"cached in {prepared.cache_dir}")
+    if args.inspect:
+        if loaded.recipe.data.format == "preference":
+            for row in prepared.train.select(range(min(args.inspect, len(prepared.train)))):
+                print(json.dumps(row, indent=1, ensure_ascii=False))
+            return 0
+        color = sys.stdout.isatty()
+        legend = "trained tokens in green" if color else "trained tokens between [[ ]]"
+        for i, row in enumerate(prepared.train.select(range(min(args.inspect, len(prepared.train))))):
+            trained = sum(label != -100 for label in row["labels"])
+            print(f"--- sample {i}: {len(row['input_ids'])} tokens, {trained} trained ({legend})")
+            print(format_sample(row, tokenizer, color))
+    return 0
+
+
 def _cmd_generate(args) -> int:
     from hf_vram.generate import pipeline_generate
 
@@ -119,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nproc", type=int, default=1, help="processes (torchrun; gloo DDP on CPU)")
     s.add_argument("--accelerate-config", help="an accelerate config file (recipes/accelerate/*.yaml)")
     s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("prepare", help="tokenize a recipe's data once (cached for training); --inspect shows the masks")
+    s.add_argument("recipe", help="a shipped recipe name or a path to a YAML recipe")
+    s.add_argument("overrides", nargs="*", metavar="key.path=value")
+    s.add_argument("--inspect", type=int, default=0, metavar="N", help="print N formatted samples, trained tokens marked")
+    s.set_defaults(func=_cmd_prepare)
 
     s = sub.add_parser("generate", help="generate from an output directory through transformers.pipeline")
     s.add_argument("output_dir")

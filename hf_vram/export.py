@@ -48,7 +48,9 @@ def merge_adapter(output_dir: Path, dest: Path | None = None, dtype: str = "auto
     _match_vocabulary(base, tokenizer, output_dir, adapter_config)
 
     model = PeftModel.from_pretrained(base, str(output_dir), low_cpu_mem_usage=True)
-    model = model.merge_and_unload()
+    # Weights that peft loads whole from the adapter (resized embeddings, modules_to_save) replace the base's
+    # tensors in the adapter's own dtype (fp32 when trained in fp32); one cast makes the saved model uniform.
+    model = model.merge_and_unload().to(torch_dtype)
     model.eval()
     _set_generation_config(model, tokenizer, output_dir)
 

@@ -52,6 +52,13 @@ def _saved_recipe(out: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _run_name(out: Path) -> str:
+    try:
+        return str(json.loads((out / "train_summary.json").read_text())["recipe"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return out.name
+
+
 def _check_output(out: Path) -> None:
     if not out.is_dir():
         raise UserError(f"push: '{out}' is not a directory; give the output directory of a run (`hf-vram train RECIPE` first)")
@@ -91,11 +98,11 @@ def _name_repo_in_card(out: Path, repo_id: str) -> None:
         atomic_write_text(card, new)
 
 
-def _auth_error(status: int, endpoint: str) -> UserError:
+def _auth_error(status: int, endpoint: str, repo_id: str) -> UserError:
     if status == 401:
         why = f"the Hub at {endpoint} did not accept the request: no token was found, or the token is invalid"
     else:
-        why = f"the Hub at {endpoint} refused the request: the token lacks write access to this repository's owner"
+        why = f"the Hub at {endpoint} refused to let this token write to '{repo_id.split('/')[0]}/'"
     return UserError(
         f"push: {why}. Log in with `hf auth login` (a token with write access), or set HF_TOKEN in the environment."
     )
@@ -118,7 +125,7 @@ def push_output(output_dir: str | Path, repo_id: str | None = None, private: boo
         )
     _check_repo_id(repo_id)
     if private is None:
-        private = bool(hub.get("private", True))
+        private = hub.get("private") is not False  # private unless the recipe says otherwise
 
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
@@ -132,17 +139,17 @@ def push_output(output_dir: str | Path, repo_id: str | None = None, private: boo
             folder_path=out,
             repo_id=repo_id,
             repo_type="model",
-            commit_message=f"Upload {out.name} trained with hf-vram",
+            commit_message=f"Upload {_run_name(out)} trained with hf-vram",
             ignore_patterns=list(IGNORE_PATTERNS),
         )
     except LocalTokenNotFoundError:
-        raise _auth_error(401, api.endpoint) from None
+        raise _auth_error(401, api.endpoint, repo_id) from None
     except OfflineModeIsEnabled:
         raise UserError("push: HF_HUB_OFFLINE is set; unset it (or set HF_HUB_OFFLINE=0) to push to the Hub") from None
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         if status in (401, 403):
-            raise _auth_error(status, api.endpoint) from None
+            raise _auth_error(status, api.endpoint, repo_id) from None
         raise
     except httpx.TransportError as e:
         raise UserError(f"push: cannot reach the Hub at {api.endpoint} ({type(e).__name__}: {e})") from None
