@@ -1,8 +1,8 @@
 """`hf-vram merge`: fold a trained adapter into its base and save a plain transformers model.
 
 The base is always reloaded unquantized on the CPU, even when the adapter was trained on a 4-bit or 8-bit
-bitsandbytes base: adding LoRA deltas to quantized weights would either be refused by peft or re-quantize
-(and so lose) them. The result loads with `pipeline("text-generation", model=DEST)` and no peft installed.
+bitsandbytes base: merging into bitsandbytes layers means dequantize, add, quantize again, which rounds most
+of the small LoRA delta away and leaves a quantized model. The result loads with `pipeline("text-generation", model=DEST)` and no peft installed.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from hf_vram.errors import UserError
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = ("bfloat16", "float16", "float32")
 # peft methods that live beside the weights (extra tokens, prompts, attention gates) rather than in them.
 UNMERGEABLE = {
     "ADAPTION_PROMPT": "an adaption prompt (LLaMA-Adapter) adds gated prompt tokens to the attention layers",
@@ -30,14 +32,14 @@ UNMERGEABLE = {
 
 def merge_adapter(output_dir: Path, dest: Path | None = None, dtype: str = "auto", max_shard_size: str = "5GB") -> Path:
     """Merge the adapter in OUTPUT_DIR into its base and save the full model (+ tokenizer, card, recipe) to dest."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     output_dir = Path(output_dir)
     adapter_config = _adapter_config(output_dir)
     base_ref = _base_ref(output_dir, adapter_config)
     dest = Path(dest) if dest is not None else output_dir / "merged"
     _check_dest(dest, output_dir, base_ref)
+    # Imported once the input is known to be mergeable, so that mistakes are reported at once.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     base_config = _base_config(base_ref, output_dir)
     torch_dtype = _resolve_dtype(dtype, base_config)
@@ -145,15 +147,15 @@ def _base_config(base_ref: str, output_dir: Path):
 
 
 def _resolve_dtype(choice: str, config) -> torch.dtype:
+    import torch
+
     if choice != "auto":
         if choice not in DTYPES:
             raise UserError(f"--dtype {choice}: expected auto, {', '.join(DTYPES)}")
-        return DTYPES[choice]
-    declared = getattr(config, "dtype", None)
-    if isinstance(declared, str):
-        declared = DTYPES.get(declared)
+        return getattr(torch, choice)
+    declared = str(getattr(config, "dtype", None) or "").removeprefix("torch.")
     # Configs that name no dtype (or an exotic one) were saved in fp32, the transformers default.
-    return declared if declared in DTYPES.values() else torch.float32
+    return getattr(torch, declared) if declared in DTYPES else torch.float32
 
 
 def _load_tokenizer(output_dir: Path, base_ref: str):
@@ -265,7 +267,8 @@ def _merged_card(output_dir: Path, base_ref: str, adapter_config: dict, dtype: t
         data = ModelCardData(pipeline_tag="text-generation", base_model=_hub_id(base_ref), tags=["hf-vram", "text-generation"])
         card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {output_dir.name} (merged)\n")
     card.data.library_name = "transformers"
-    tags = list(card.data.tags or [])
+    # peft's own card tags it base_model:adapter:BASE; merged weights are no adapter of it any more.
+    tags = [t for t in card.data.tags or [] if not str(t).startswith("base_model:adapter:")]
     card.data.tags = tags + ["merged"] if "merged" not in tags else tags
     lines = card.text.split("\n")
     title = next((i for i, line in enumerate(lines) if line.startswith("# ")), None)

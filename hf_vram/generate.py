@@ -23,11 +23,27 @@ def prompt_for(output_dir: str | Path, prompt: str) -> str | list[dict]:
     return prompt
 
 
-def pipeline_generate(output_dir: str | Path, prompts: list[str], max_new_tokens: int = 32, raw: bool = False) -> list[str]:
-    """Generate with a stock `transformers.pipeline` loading the output directory (model or adapter)."""
+def load_pipeline(output_dir: str | Path):
+    """A stock text-generation pipeline on an output directory. transformers' adapter loading handles LoRA-style
+    adapters only; a LLaMA-Adapter (peft's adaption prompt) output is loaded through peft's AutoPeftModel and then
+    handed to the same pipeline."""
+    import json
+
     from transformers import pipeline
 
-    pipe = pipeline("text-generation", model=str(output_dir))
+    config = Path(output_dir) / "adapter_config.json"
+    if config.is_file() and json.loads(config.read_text()).get("peft_type") == "ADAPTION_PROMPT":
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoTokenizer
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(output_dir))
+        return pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(str(output_dir)))
+    return pipeline("text-generation", model=str(output_dir))
+
+
+def pipeline_generate(output_dir: str | Path, prompts: list[str], max_new_tokens: int = 32, raw: bool = False) -> list[str]:
+    """Generate with a stock `transformers.pipeline` loading the output directory (model or adapter)."""
+    pipe = load_pipeline(output_dir)
     texts = [p if raw else prompt_for(output_dir, p) for p in prompts]
     outs = [pipe(t, max_new_tokens=max_new_tokens, do_sample=False, return_full_text=False) for t in texts]
     return [o[0]["generated_text"] for o in outs]

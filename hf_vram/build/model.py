@@ -72,11 +72,14 @@ def build_model(recipe: Recipe, tokenizer, model_path: str | None):
     if tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.eos_token_id is not None:
-        # A chat template's end-of-turn token (ChatML's <|im_end|>) stops generation as EOS does.
-        stops = [tokenizer.eos_token_id] + [
-            i for i in tokenizer.convert_tokens_to_ids(["<|im_end|>"]) if i is not None and i != tokenizer.unk_token_id
-        ]
-        model.generation_config.eos_token_id = sorted(set(stops)) if len(set(stops)) > 1 else stops[0]
+        # Generation stops at EOS, at the stops the model already has (Llama-3-Instruct's <|eot_id|>), and at
+        # ChatML's <|im_end|> when the recipe's template uses it.
+        known = model.generation_config.eos_token_id
+        stops = {tokenizer.eos_token_id, *(known if isinstance(known, list) else [known] if known is not None else [])}
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if im_end is not None and im_end != tokenizer.unk_token_id:
+            stops.add(im_end)
+        model.generation_config.eos_token_id = sorted(stops) if len(stops) > 1 else tokenizer.eos_token_id
     adapter = recipe.adapter
     if adapter.type == "llama-adapter":
         # The paper adapts the top 30 of 32 layers; a smaller model gets all of its layers at most.

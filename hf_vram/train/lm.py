@@ -160,6 +160,10 @@ def prepare(loaded: LoadedRecipe) -> Run:
         processing_class=tokenizer,
         callbacks=[CommitCheckpoints(keep=recipe.train.save_total_limit)],
     )
+    if recipe.adapter.type == "llama-adapter":
+        # peft's AdaptionPromptModel keeps the forward it found at wrapping time; the trainer has since replaced
+        # the inner model's forward with one that can return per-token log-probabilities (trl's fused LM head).
+        trainer.model.base_model.forward = trainer.model.get_base_model().forward
     if recipe.quant.bits and torch_dtype(recipe.quant.compute_dtype) == torch.float32:
         # trl casts the adapter of a quantized model to bf16 (the QLoRA paper's choice on GPUs); where the
         # recipe computes in fp32 (auto on CPU) the adapter trains in fp32 too.
