@@ -50,9 +50,14 @@ def merge_adapter(output_dir: Path, dest: Path | None = None, dtype: str = "auto
     _match_vocabulary(base, tokenizer, output_dir, adapter_config)
 
     model = PeftModel.from_pretrained(base, str(output_dir), low_cpu_mem_usage=True)
+    try:
+        # safe_merge checks every merged weight for NaN/inf before it replaces the original.
+        model = model.merge_and_unload(safe_merge=True)
+    except (AttributeError, NotImplementedError, TypeError) as e:
+        raise UserError(f"{output_dir}: peft cannot merge this {adapter_config.get('peft_type')} adapter: {e}") from e
     # Weights that peft loads whole from the adapter (resized embeddings, modules_to_save) replace the base's
     # tensors in the adapter's own dtype (fp32 when trained in fp32); one cast makes the saved model uniform.
-    model = model.merge_and_unload().to(torch_dtype)
+    model = model.to(torch_dtype)
     model.eval()
     _set_generation_config(model, tokenizer, output_dir)
 
@@ -80,12 +85,17 @@ def _adapter_config(output_dir: Path) -> dict:
         if (output_dir / "config.json").is_file():
             raise UserError(f"{output_dir} is already a full model (config.json, no adapter_config.json): nothing to merge")
         raise UserError(f"{output_dir} is not an output (no adapter_config.json): run hf-vram train first")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); it is written by peft's save_pretrained") from e
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type in UNMERGEABLE:
+        # transformers' own adapter loading (pipeline(model=DIR)) refuses these methods too; peft's Auto class runs them.
         raise UserError(
-            f"{output_dir}: cannot merge a {peft_type} adapter into the weights: {UNMERGEABLE[peft_type]}. "
-            f"It stays an adapter; pipeline('text-generation', model='{output_dir}') loads it as it is"
+            f"{output_dir}: an adapter of type {peft_type} cannot be merged into the weights: {UNMERGEABLE[peft_type]}. "
+            "It stays an adapter: load it with peft.AutoPeftModelForCausalLM.from_pretrained"
+            f"('{output_dir}') and generate from that"
         )
     return config
 

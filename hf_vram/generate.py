@@ -25,20 +25,26 @@ def prompt_for(output_dir: str | Path, prompt: str) -> str | list[dict]:
 
 def load_pipeline(output_dir: str | Path):
     """A stock text-generation pipeline on an output directory. transformers' adapter loading handles LoRA-style
-    adapters only; a LLaMA-Adapter (peft's adaption prompt) output is loaded through peft's AutoPeftModel and then
-    handed to the same pipeline."""
+    adapters on an unchanged vocabulary; a LLaMA-Adapter (peft's adaption prompt), or an adapter trained with added
+    tokens, is loaded through peft's AutoPeftModel and handed to the same pipeline."""
     import json
 
-    from transformers import pipeline
+    from transformers import AutoConfig, AutoTokenizer, pipeline
 
+    out = str(output_dir)
+    # The output's own tokenizer: an adapter's base may lack the chat template (or tokens) it was trained with.
+    tokenizer = AutoTokenizer.from_pretrained(out)
     config = Path(output_dir) / "adapter_config.json"
-    if config.is_file() and json.loads(config.read_text()).get("peft_type") == "ADAPTION_PROMPT":
-        from peft import AutoPeftModelForCausalLM
-        from transformers import AutoTokenizer
+    if config.is_file():
+        adapter = json.loads(config.read_text())
+        grew = len(tokenizer) > AutoConfig.from_pretrained(adapter["base_model_name_or_path"]).vocab_size
+        if adapter.get("peft_type") == "ADAPTION_PROMPT" or grew:
+            # peft's loader also resizes the base's embeddings to the saved tokenizer before loading the adapter;
+            # transformers' does not.
+            from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(str(output_dir))
-        return pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(str(output_dir)))
-    return pipeline("text-generation", model=str(output_dir))
+            return pipeline("text-generation", model=AutoPeftModelForCausalLM.from_pretrained(out), tokenizer=tokenizer)
+    return pipeline("text-generation", model=out, tokenizer=tokenizer)
 
 
 def pipeline_generate(output_dir: str | Path, prompts: list[str], max_new_tokens: int = 32, raw: bool = False) -> list[str]:

@@ -87,3 +87,19 @@ def tiny_base(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_english_base(tmp_path_factory) -> Path:
+    """A tiny Llama pretrained by hf-vram for a few hundred steps on real English (the C4 sample), with its own
+    BPE vocabulary: a base whose representations an adapter can build on, unlike a random one."""
+    from hf_vram.recipe.load import load_recipe
+    from hf_vram.train.lm import train
+
+    folder = tmp_path_factory.mktemp("english-base")
+    recipe = scratch_recipe(folder / "out", max_steps=200, micro_batch_size=16, lr=3e-3, logging_steps=50, save_steps=1000)
+    recipe["tokenizer"]["vocab_size"] = 1000
+    recipe["model"]["config"]["max_position_embeddings"] = 512
+    recipe["data"] = {"source": str(ROOT.parent / "shared" / "data" / "c4_demo.jsonl"), "format": "text", "max_length": 128, "packing": True}
+    train(load_recipe(str(write_recipe(folder, "english-base", recipe))))
+    return folder / "out"

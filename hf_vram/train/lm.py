@@ -33,6 +33,8 @@ from hf_vram.train.checkpoints import CommitCheckpoints, discard_incomplete, lat
 from hf_vram.train.guard import GuardedDPOTrainer, GuardedSFTTrainer
 
 SUMMARY = "train_summary.json"
+# Held-out metrics kept in the summary (language modelling; DPO's preference metrics).
+EVAL_KEYS = ("eval_loss", "eval_perplexity", "eval_rewards/margins", "eval_rewards/accuracies")
 
 
 def is_finished(output_dir: Path) -> bool:
@@ -189,6 +191,18 @@ def fit(run: Run) -> dict:
             summary["score_before"] = score(recipe, run.model, run.tokenizer)
             atomic_write_json(before_file, summary["score_before"])
         print(f"[hf-vram] score before training: {_fmt_score(summary['score_before'])}", flush=True)
+    eval_before_file = out / "eval_before.json"
+    if trainer.eval_dataset is not None:
+        # Held-out metrics of the untrained model, so that the summary shows what training changed (every rank
+        # evaluates: it is a collective under DDP). A resumed run keeps the first measurement.
+        if eval_before_file.is_file():
+            summary["eval_before"] = json.loads(eval_before_file.read_text())
+        else:
+            summary["eval_before"] = {k: v for k, v in trainer.evaluate().items() if k in EVAL_KEYS}
+            if main:
+                atomic_write_json(eval_before_file, summary["eval_before"])
+        if main:
+            print(f"[hf-vram] held-out before training: {summary['eval_before']}", flush=True)
     if main:
         print(
             f"[hf-vram] {run.loaded.name}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} "
@@ -215,7 +229,7 @@ def fit(run: Run) -> dict:
     )
     if trainer.eval_dataset is not None:
         metrics = trainer.evaluate()
-        summary.update({k: v for k, v in metrics.items() if k in ("eval_loss", "eval_perplexity", "eval_rewards/margins", "eval_rewards/accuracies")})
+        summary.update({k: v for k, v in metrics.items() if k in EVAL_KEYS})
     if recipe.task == "dpo":
         margins = [e["rewards/margins"] for e in trainer.state.log_history if "rewards/margins" in e]
         summary.update(first_reward_margin=margins[0] if margins else None, final_reward_margin=margins[-1] if margins else None)
