@@ -27,6 +27,8 @@ IGNORE_PATTERNS = [
     "tokenizer-trained/*",  # the training-time copy; the output's own tokenizer files sit beside the model
     "prepared/*",  # tokenized data cache
     "score_before.json",  # kept for resuming; the card and train_summary.json hold both scores
+    "eval_before.json",  # likewise for the held-out metrics
+    "merged/*",  # `hf-vram merge`'s default destination: a full model, pushed on its own if wanted
     "*.lock",
     "*.tmp",
     "*.tmp-*",  # hf_vram.atomic's temporaries, left by a kill mid-write

@@ -123,3 +123,43 @@ def test_dpo_recipe_widens_the_reward_margin(tiny_english_base, samples, tmp_pat
     assert (loaded.output_dir / "adapter_config.json").is_file()
     card = (loaded.output_dir / "README.md").read_text()
     assert "dpo" in card
+
+
+def test_chatml_tokens_survive_training_loading_and_merging(tiny_english_base, samples, tmp_path):
+    """A chat template whose tokens the base lacks: the vocabulary grows, the new rows train and are saved with
+    the adapter, the adapter loads in a pipeline, and the merged model answers exactly as base + adapter."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_vram.export import merge_adapter
+    from hf_vram.generate import load_pipeline
+
+    loaded = tiny_variant("llama7b-qlora-sharegpt", tiny_english_base, samples["sharegpt"], tmp_path / "out",
+                          **{"data.chat_template": "chatml", "train.max_steps": 24})
+    summary = train(loaded)
+    out = loaded.output_dir
+    base_vocab = len(AutoTokenizer.from_pretrained(tiny_english_base))
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == base_vocab + 2 and "<|im_start|>" in tok.chat_template
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys() if "token_adapter" in k}
+    for layer in ("model.model.embed_tokens", "model.lm_head"):  # this Llama's output layer is untied
+        rows = saved[f"base_model.{layer}.token_adapter.base_layer.weight"]
+        assert rows.shape[0] == base_vocab + 2, "the resized layer is saved whole with the adapter"
+        # peft starts the trainable rows as a copy of the resized ones: training moved them.
+        trained = saved[f"base_model.{layer}.token_adapter.trainable_tokens_delta"]
+        assert (trained - rows[base_vocab:]).abs().max() > 1e-3, layer
+    assert summary["eval_loss"] < summary["eval_before"]["eval_loss"]
+
+    messages = [{"role": "user", "content": "Who are you?"}]
+    adapter_text = load_pipeline(out)(messages, max_new_tokens=12, do_sample=False)[0]["generated_text"][-1]["content"]
+    merged = merge_adapter(out, dtype="float32")
+    merged_text = load_pipeline(merged)(messages, max_new_tokens=12, do_sample=False)[0]["generated_text"][-1]["content"]
+    assert merged_text == adapter_text and adapter_text.strip()
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert model.get_input_embeddings().weight.shape[0] == base_vocab + 2
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    assert tok.convert_tokens_to_ids("<|im_start|>") in ids[0].tolist()
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()

@@ -89,7 +89,20 @@ def build_model(recipe: Recipe, tokenizer, model_path: str | None):
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
+        expose_bias_of_trainable_tokens(model)
     return model
+
+
+def expose_bias_of_trainable_tokens(model) -> None:
+    """trl's fused LM head reads `lm_head.weight` and `lm_head.bias` directly. peft's TrainableTokensWrapper
+    (new tokens' rows of an untied output layer) answers `.weight` with the merged weights, which carry the
+    trained rows, but not `.bias`; it is the wrapped layer's own bias."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensWrapper):
+            # Straight into __dict__: nn.Module would register a Parameter a second time under the wrapper.
+            module.__dict__["bias"] = getattr(module.original_module, "bias", None)
 
 
 def grow_vocabulary(model, tokenizer) -> list[int]:

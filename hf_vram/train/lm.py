@@ -234,6 +234,10 @@ def fit(run: Run) -> dict:
         margins = [e["rewards/margins"] for e in trainer.state.log_history if "rewards/margins" in e]
         summary.update(first_reward_margin=margins[0] if margins else None, final_reward_margin=margins[-1] if margins else None)
     trainer.save_model(str(out))
+    if main and getattr(getattr(trainer.model, "peft_config", {}).get("default"), "trainable_token_indices", None):
+        # The vocabulary grew (a chat template's tokens): save the resized embedding and output layers whole.
+        # peft decides this by comparing with the base's config, which it cannot read offline for a Hub base.
+        trainer.model.save_pretrained(str(out), save_embedding_layers=True)
     if not main:
         return summary
     if scorable(recipe):
@@ -250,9 +254,14 @@ def fit(run: Run) -> dict:
         for p, t in zip(recipe.eval.sample_prompts, texts):
             print(f"[hf-vram] pipeline('text-generation', model='{out}')\n  prompt: {p!r}\n  output: {t!r}", flush=True)
     if recipe.hub.repo_id:
+        from hf_vram.errors import UserError
         from hf_vram.hub import push_output
 
-        print(f"[hf-vram] pushed to {push_output(out, recipe.hub.repo_id, recipe.hub.private)}", flush=True)
+        try:
+            print(f"[hf-vram] pushed to {push_output(out, recipe.hub.repo_id, recipe.hub.private)}", flush=True)
+        except UserError as e:
+            # Training is done and saved; a failed upload must not make the run look unfinished.
+            raise UserError(f"{e}\nThe trained output is saved in {out}; push it later with `hf-vram push {out}`") from None
     return summary
 
 
