@@ -141,6 +141,35 @@ def _training_rows(loaded: LoadedRecipe, summary: dict) -> list[tuple[str, objec
     return rows
 
 
+def _usage(loaded: LoadedRecipe, model_ref: str, prompt: str) -> str:
+    """Python that loads the output and generates, with the prompt laid out as in training."""
+    from data_prep.formats import CHAT_FORMATS, alpaca_prompt
+
+    r = loaded.recipe
+    head = f"model_id = {json.dumps(model_ref)}\n"
+    if r.adapter.type == "llama-adapter" or (r.adapter.type != "none" and r.data.chat_template == "chatml"):
+        # transformers' own adapter loading does not take adaption prompts, nor resize a base for added tokens.
+        head += (
+            "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer, pipeline\n\n"
+            'pipe = pipeline("text-generation", model=AutoPeftModelForCausalLM.from_pretrained(model_id), '
+            "tokenizer=AutoTokenizer.from_pretrained(model_id))\n"
+        )
+    else:
+        # tokenizer= as well: for an adapter, transformers would take the base's tokenizer, which may lack the
+        # chat template the adapter was trained with.
+        head += 'from transformers import pipeline\n\npipe = pipeline("text-generation", model=model_id, tokenizer=model_id)\n'
+    n = r.eval.max_new_tokens
+    if r.data.format in (*CHAT_FORMATS, "preference"):
+        # The chat template the model was trained with is saved with its tokenizer.
+        return head + (
+            f'messages = [{{"role": "user", "content": {json.dumps(prompt)}}}]\n'
+            f'print(pipe(messages, max_new_tokens={n})[0]["generated_text"][-1]["content"])'
+        )
+    if r.data.format == "alpaca":
+        prompt = alpaca_prompt(prompt, "", r.data.template)
+    return head + f'print(pipe({json.dumps(prompt)}, max_new_tokens={n}, return_full_text=False)[0]["generated_text"])'
+
+
 def model_card(loaded: LoadedRecipe, summary: dict) -> ModelCard:
     r = loaded.recipe
     adapter = r.adapter.type != "none"
@@ -185,10 +214,7 @@ This is {_what(loaded)}. It was trained with hf-vram from the recipe `{loaded.na
 ## Use
 
 ```python
-from transformers import pipeline
-
-pipe = pipeline("text-generation", model={json.dumps(model_ref)})
-print(pipe({json.dumps(prompt)}, max_new_tokens={r.eval.max_new_tokens})[0]["generated_text"])
+{_usage(loaded, model_ref, prompt)}
 ```
 {base_note}
 ## Training

@@ -36,8 +36,8 @@ IGNORE_PATTERNS = [
     ".*.tmp-*",
 ]
 
-# The usage line of the card written by hf_vram.card: pipeline("text-generation", model="...")
-_USAGE_MODEL = re.compile(r'(pipeline\("text-generation", model=)"(?:[^"\\\n]|\\.)*"')
+# The usage snippet of the card written by hf_vram.card names the model in one line: model_id = "..."
+_USAGE_MODEL = re.compile(r'(^model_id = )"(?:[^"\\\n]|\\.)*"', re.MULTILINE)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 

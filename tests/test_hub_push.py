@@ -115,7 +115,7 @@ def test_training_with_hub_repo_id_pushes_the_output_when_it_ends(hub, scratch):
     assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
     assert {"hf-vram", "tiny-scratch"} <= set(data["tags"])
     assert "base_model" not in data and "datasets" not in data  # from scratch, on builtin data
-    assert f'model="{SCRATCH_REPO}"' in arrived["README.md"].decode()
+    assert f'model_id = "{SCRATCH_REPO}"' in arrived["README.md"].decode()
     assert_token_kept_secret(hub, result)
 
 
@@ -140,7 +140,7 @@ def test_push_public_to_another_repo_names_it_in_the_card(hub, hf_home, scratch,
     assert {"repo_id": "someone-else/renamed", "private": False, "type": "model"} in hub.created
     arrived = hub.files["someone-else/renamed"]
     readme = arrived["README.md"].decode()
-    assert 'model="someone-else/renamed"' in readme and SCRATCH_REPO not in readme
+    assert 'model_id = "someone-else/renamed"' in readme and SCRATCH_REPO not in readme
     assert arrived == expected_files(copy)  # the local card now names where the output lives, too
     assert_token_kept_secret(hub, result)
 
@@ -216,7 +216,7 @@ def test_model_card_names_hub_base_and_dataset(tmp_path):
     assert data["datasets"] == ["trl-lib/ultrafeedback_binarized"] and data["library_name"] == "peft"
     assert {"hf-vram", "hub-card", "lora", "dora", "qlora", "4-bit", "dpo"} <= set(data["tags"])
     text = card.text
-    assert 'pipeline("text-generation", model="me/llama-dpo")' in text
+    assert 'model_id = "me/llama-dpo"' in text
     for row in ("| optimizer steps | 12 |", "| final training loss | 0.41 |", "| held-out loss | 0.5 |",
                 "| held-out perplexity | 1.65 |", "5.00 GiB of GPU memory allocated", "| training time | 2 min 05 s"):
         assert row in text, row

@@ -102,6 +102,9 @@ def test_tiny_variant_of_the_recipe_trains_and_loads(name, tiny_english_base, sa
     # A stock pipeline loads the output; chat outputs get their prompt through the saved chat template.
     (text,) = pipeline_generate(out, ["Who are you?"], max_new_tokens=4)
     assert isinstance(text, str)
+    # The model card's usage snippet runs as written.
+    snippet = (out / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    exec(compile(snippet, "README.md", "exec"), {})
     if shipped.data.format in ("sharegpt", "messages"):
         from transformers import AutoTokenizer
 
