@@ -32,7 +32,7 @@ class Examples:
 def load_examples(data, seed: int) -> Examples:
     """Records of the recipe's source, checked against data.format, with the held-out part split off."""
     def read(split):
-        records = read_records(data.source, data.format, split)
+        records = read_records(data.source, data.format, split, data.subset)
         examples = to_examples(records, data.format, data.source, data.template, data.text_field, data.placeholders)
         return examples[: data.max_samples] if data.max_samples else examples
 

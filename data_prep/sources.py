@@ -11,15 +11,22 @@ from hf_vram.errors import DataError
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-def read_records(source: str, fmt: str, split: str = "train") -> list[dict]:
-    """Raw records of a data source, as dicts."""
+def read_records(source: str, fmt: str, split: str = "train", subset: str | None = None) -> list[dict]:
+    """Raw records of a data source, as dicts. A source that is not a file is given to datasets.load_dataset
+    as it is: a Hub dataset id, or a local dataset folder (data files named by split, or a loading script)."""
     if source.startswith("builtin:"):
         return BUILTIN_SOURCES[source.removeprefix("builtin:")].records(fmt, split)
     import datasets
 
     path = Path(source).expanduser()
-    if path.suffix not in LOADERS:  # a Hub dataset id
-        return list(datasets.load_dataset(source, split=split))
+    if path.suffix not in LOADERS:
+        try:
+            return list(datasets.load_dataset(source, subset, split=split))
+        except Exception as e:  # datasets raises many types: not found, unknown split, offline, missing config
+            raise DataError(
+                f"data.source: cannot load dataset '{source}'" + (f" (subset '{subset}')" if subset else "")
+                + f" split '{split}': {type(e).__name__}: {e}"
+            ) from None
     if not path.exists():
         raise DataError(f"data.source: file '{source}' does not exist")
     try:

@@ -267,3 +267,19 @@ def test_prepare_cli_inspects_masks_and_refuses_a_wrong_format(tiny_base, tmp_pa
     r = run_cli("prepare", str(path), "data.format=alpaca")
     assert r.returncode == 2
     assert f"{source}: record 0: missing field 'instruction' for format 'alpaca'" in r.stderr
+
+
+@needs_data
+def test_a_dataset_folder_loads_through_load_dataset_with_its_splits(tmp_path):
+    """Sources that are not files go to datasets.load_dataset as they are (Hub ids, dataset folders): the same
+    call, offline, on a folder with one file per split."""
+    chats = json.loads((DATA / "sharegpt_dummy_conversation.json").read_text())
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    for split, part in (("train", chats[:40]), ("test", chats[40:50])):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(c) for c in part))
+    data = DataSection(source=str(folder), format="sharegpt", eval_split="test")
+    examples = load_examples(data, seed=0)
+    assert (len(examples.train), len(examples.eval)) == (40, 10)
+    with pytest.raises(DataError, match=f"cannot load dataset '{folder}' split 'validation'"):
+        load_examples(data.model_copy(update={"eval_split": "validation"}), seed=0)

@@ -88,6 +88,8 @@ class DataSection(Section):
     # (conversations of from/value), messages (role/content), prompt_completion (prompt/completion), or
     # preference (chosen/rejected pairs, for task: dpo). A record that does not fit is an error.
     format: Literal["text", "alpaca", "sharegpt", "messages", "prompt_completion", "preference"] = "text"
+    # Configuration of a Hub dataset that has several (load_dataset's second argument, e.g. smoltalk's "all").
+    subset: str | None = None
     # Dataset split to train on (Hub datasets and builtin sources).
     split: str = "train"
     # Held-out evaluation: a split name of the source (Hub, builtin), or empty to hold out val_size of the records.
