@@ -42,7 +42,7 @@ def segments_of(turns: list[tuple[str, str]], tokenizer, train_on_prompt: bool, 
     return segments
 
 
-def tokenize_segments(segments: list[tuple[str, bool]], tokenizer, max_length: int, chat: bool) -> tuple[list[int], list[int], bool]:
+def tokenize_segments(segments: list[tuple[str, bool]], tokenizer, max_length: int | None, chat: bool) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated). EOS is appended and trained after a trained end, unless the text already
     ends with it (templates that close each answer with EOS)."""
     text = "".join(t for t, _ in segments)
@@ -69,6 +69,8 @@ def tokenize_segments(segments: list[tuple[str, bool]], tokenizer, max_length: i
         if ids[-1] != eos:
             ids.append(eos)
             labels.append(eos)
+    if max_length is None:
+        return ids, labels, False
     truncated = len(ids) > max_length
     return ids[:max_length], labels[:max_length], truncated
 
@@ -81,7 +83,10 @@ def tokenize_examples(examples: list, tokenizer, data, source: str) -> tuple[lis
             raise TypeError("preference pairs are tokenized by the DPO trainer, not here")
         chat = not {r for r, _ in turns} <= {"text", "prompt", "completion"}
         segments = segments_of(turns, tokenizer, data.train_on_prompt, f"{source}: record {i}")
-        ids, labels, truncated = tokenize_segments(segments, tokenizer, data.max_length, chat)
+        # Packed plain text is not cut here: the packer splits long documents across sequences, so no text is
+        # lost. Instruction samples are cut, since a split would part an answer from its prompt.
+        max_length = None if data.packing and data.format == "text" else data.max_length
+        ids, labels, truncated = tokenize_segments(segments, tokenizer, max_length, chat)
         counts.truncated += truncated
         if all(label == IGNORE for label in labels):
             counts.dropped += 1

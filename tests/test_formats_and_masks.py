@@ -283,3 +283,11 @@ def test_a_dataset_folder_loads_through_load_dataset_with_its_splits(tmp_path):
     assert (len(examples.train), len(examples.eval)) == (40, 10)
     with pytest.raises(DataError, match=f"cannot load dataset '{folder}' split 'validation'"):
         load_examples(data.model_copy(update={"eval_split": "validation"}), seed=0)
+
+
+def test_packed_text_keeps_long_documents_whole_for_the_packer(tok):
+    long_doc = [{"text": "one plus one is two. " * 40}]
+    rows, counts = tokenized(long_doc, "text", tok, max_length=32, packing=True)
+    assert len(rows[0]["input_ids"]) > 32 and counts.truncated == 0  # trl's bfd_split packer splits it
+    rows, counts = tokenized(long_doc, "text", tok, max_length=32, packing=False)
+    assert len(rows[0]["input_ids"]) == 32 and counts.truncated == 1

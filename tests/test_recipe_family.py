@@ -160,6 +160,8 @@ def test_chatml_tokens_survive_training_loading_and_merging(tiny_english_base, s
     merged = merge_adapter(out, dtype="float32")
     merged_text = load_pipeline(merged)(messages, max_new_tokens=12, do_sample=False)[0]["generated_text"][-1]["content"]
     assert merged_text == adapter_text and adapter_text.strip()
+    # `hf-vram generate` wraps a bare prompt as a user message, for the adapter and for the merged model alike.
+    assert pipeline_generate(out, ["Who are you?"], 12) == pipeline_generate(merged, ["Who are you?"], 12) == [adapter_text]
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert model.get_input_embeddings().weight.shape[0] == base_vocab + 2
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]

@@ -61,6 +61,8 @@ def sft_config(recipe: Recipe, output_dir: str, has_eval: bool = False) -> SFTCo
         **_common(recipe, output_dir, has_eval),
         max_length=d.max_length,
         packing=d.packing,
+        # Plain text: documents longer than a sequence continue in the next one; samples with a prompt are cut.
+        packing_strategy="bfd_split" if d.format == "text" else "bfd",
         # The data arrives tokenized with its labels (data_prep/tokenize.py: masks, EOS, truncation, drops).
         dataset_text_field="text",
     )
