@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU check for a lent CUDA machine (the CPU suite cannot reach these paths): the demo's QLoRA in bf16 with
-# bitsandbytes' CUDA kernels and paged 8-bit AdamW, the peak memory it records, and the throughput bench.
-#   bash bench/gpu_check.sh        (about 3 minutes; needs the .venv of `make install` with a CUDA torch)
+# bitsandbytes' CUDA kernels and paged 8-bit AdamW, the peak memory it records, the throughput bench, and the
+# fine-tuning tests on CUDA, where recipes compute in bf16 and trl keeps the adapters in bf16 (the recipe
+# family's tiny variants, DPO, ChatML tokens, every adapter kind, merge).
+#   bash bench/gpu_check.sh        (about 5 minutes; needs the .venv of `make install` with a CUDA torch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -17,3 +19,4 @@ for name in ("demo-base", "demo"):
     assert s["cuda_max_allocated_bytes"] > 0
 PY
 $PY bench/bench_train.py --steps 60
+$PY -m pytest -q -x tests/test_recipe_family.py tests/test_adapters.py tests/test_merge.py
