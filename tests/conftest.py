@@ -14,6 +14,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+# Real public sample data (Alpaca, ShareGPT, preference pairs, C4, ...) kept beside the project, not in it.
+SAMPLE_DATA = Path(os.environ.get("HF_VRAM_SAMPLE_DATA", ROOT.parent / "shared" / "data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -100,6 +102,6 @@ def tiny_english_base(tmp_path_factory) -> Path:
     recipe = scratch_recipe(folder / "out", max_steps=200, micro_batch_size=16, lr=3e-3, logging_steps=50, save_steps=1000)
     recipe["tokenizer"]["vocab_size"] = 1000
     recipe["model"]["config"]["max_position_embeddings"] = 512
-    recipe["data"] = {"source": str(ROOT.parent / "shared" / "data" / "c4_demo.jsonl"), "format": "text", "max_length": 128, "packing": True}
+    recipe["data"] = {"source": str(SAMPLE_DATA / "c4_demo.jsonl"), "format": "text", "max_length": 128, "packing": True}
     train(load_recipe(str(write_recipe(folder, "english-base", recipe))))
     return folder / "out"

@@ -19,10 +19,9 @@ from data_prep.sources import read_records
 from data_prep.tokenize import IGNORE, tokenize_examples
 from hf_vram.errors import DataError
 from hf_vram.recipe.schema import DataSection
-from tests.conftest import ROOT, run_cli, write_recipe
+from tests.conftest import SAMPLE_DATA, run_cli, write_recipe
 
-DATA = ROOT.parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not on this machine")
+needs_data = pytest.mark.skipif(not SAMPLE_DATA.is_dir(), reason=f"no sample data at {SAMPLE_DATA} (set HF_VRAM_SAMPLE_DATA)")
 
 # A Llama-3-style template, as shipped by chat models: no {% generation %} markers.
 LLAMA3_STYLE = (
@@ -75,17 +74,17 @@ def test_each_sample_file_loads_in_its_format():
         "c4_demo.jsonl": ("text", 300),
     }
     for name, (fmt, n) in cases.items():
-        examples = to_examples(read_records(str(DATA / name), fmt), fmt, name, placeholders={"name": "Vram", "author": "us"})
+        examples = to_examples(read_records(str(SAMPLE_DATA / name), fmt), fmt, name, placeholders={"name": "Vram", "author": "us"})
         assert len(examples) == n, name
-    sharegpt = to_examples(read_records(str(DATA / "sharegpt_dummy_conversation.json"), "sharegpt"), "sharegpt", "s")
+    sharegpt = to_examples(read_records(str(SAMPLE_DATA / "sharegpt_dummy_conversation.json"), "sharegpt"), "sharegpt", "s")
     assert max(sum(r == "assistant" for r, _ in ex) for ex in sharegpt) >= 2  # multi-turn conversations
-    pairs = to_examples(read_records(str(DATA / "dpo_en_demo.json"), "preference"), "preference", "d")
+    pairs = to_examples(read_records(str(SAMPLE_DATA / "dpo_en_demo.json"), "preference"), "preference", "d")
     assert all(isinstance(p, Pair) and p.prompt[-1][0] == "user" and p.chosen != p.rejected for p in pairs)
 
 
 @needs_data
 def test_identity_placeholders_are_filled():
-    path = str(DATA / "identity.json")
+    path = str(SAMPLE_DATA / "identity.json")
     examples = to_examples(read_records(path, "alpaca"), "alpaca", path, placeholders={"name": "Vram", "author": "the team"})
     answers = [turns[1][1] for turns in examples]
     assert not any("{{" in a for a in answers)
@@ -105,7 +104,7 @@ def test_identity_placeholders_are_filled():
     ],
 )
 def test_a_file_read_in_the_wrong_format_fails_on_its_first_record(name, fmt, message):
-    path = str(DATA / name)
+    path = str(SAMPLE_DATA / name)
     with pytest.raises(DataError) as e:
         to_examples(read_records(path, fmt), fmt, path)
     assert str(e.value).startswith(f"{path}: {message}")
@@ -236,7 +235,7 @@ def test_samples_truncated_before_their_answer_are_dropped_and_counted(tok):
 
 @needs_data
 def test_preparation_is_cached_and_keyed_by_what_it_depends_on(tok, tmp_path):
-    data = DataSection(source=str(DATA / "sharegpt_dummy_conversation.json"), format="sharegpt", max_length=256, val_size=0.1)
+    data = DataSection(source=str(SAMPLE_DATA / "sharegpt_dummy_conversation.json"), format="sharegpt", max_length=256, val_size=0.1)
     examples = load_examples(data, seed=1)
     assert (len(examples.train), len(examples.eval)) == (450, 50)
     install_chat_template(tok, "auto")
@@ -250,7 +249,7 @@ def test_preparation_is_cached_and_keyed_by_what_it_depends_on(tok, tmp_path):
 
 @needs_data
 def test_prepare_cli_inspects_masks_and_refuses_a_wrong_format(tiny_base, tmp_path):
-    source = str(DATA / "sharegpt_dummy_conversation.json")
+    source = str(SAMPLE_DATA / "sharegpt_dummy_conversation.json")
     recipe = {
         "model": {"name_or_path": str(tiny_base)},
         "adapter": {"type": "lora"},
@@ -273,7 +272,7 @@ def test_prepare_cli_inspects_masks_and_refuses_a_wrong_format(tiny_base, tmp_pa
 def test_a_dataset_folder_loads_through_load_dataset_with_its_splits(tmp_path):
     """Sources that are not files go to datasets.load_dataset as they are (Hub ids, dataset folders): the same
     call, offline, on a folder with one file per split."""
-    chats = json.loads((DATA / "sharegpt_dummy_conversation.json").read_text())
+    chats = json.loads((SAMPLE_DATA / "sharegpt_dummy_conversation.json").read_text())
     folder = tmp_path / "chats"
     folder.mkdir()
     for split, part in (("train", chats[:40]), ("test", chats[40:50])):

@@ -12,10 +12,9 @@ from hf_vram.generate import pipeline_generate
 from hf_vram.recipe.load import find_recipe, load_recipe
 from hf_vram.train.lm import fit, prepare, train
 
-from .conftest import ROOT
+from .conftest import SAMPLE_DATA
 
-DATA = ROOT.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not on this machine")
+pytestmark = pytest.mark.skipif(not SAMPLE_DATA.is_dir(), reason=f"no sample data at {SAMPLE_DATA} (set HF_VRAM_SAMPLE_DATA)")
 
 SFT_RECIPES = [
     "llama7b-qlora-alpaca",
@@ -33,17 +32,17 @@ def samples(tmp_path_factory) -> dict[str, str]:
     """A real sample file per format; the messages file is the ShareGPT sample laid out as role/content."""
     folder = tmp_path_factory.mktemp("samples")
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
-    chats = json.loads((DATA / "sharegpt_dummy_conversation.json").read_text())
+    chats = json.loads((SAMPLE_DATA / "sharegpt_dummy_conversation.json").read_text())
     with open(folder / "messages.jsonl", "w") as f:
         for c in chats:
             f.write(json.dumps({"messages": [{"role": roles[t["from"]], "content": t["value"]} for t in c["conversations"]]}) + "\n")
     return {
         # LLaMA-Factory's identity set: a tiny model can learn who it is in a few dozen steps, where the
         # open-ended Alpaca answers exceed what a 64-wide model learns (measured: held-out loss -1% in 48 steps).
-        "alpaca": str(DATA / "identity.json"),
-        "sharegpt": str(DATA / "sharegpt_dummy_conversation.json"),
+        "alpaca": str(SAMPLE_DATA / "identity.json"),
+        "sharegpt": str(SAMPLE_DATA / "sharegpt_dummy_conversation.json"),
         "messages": str(folder / "messages.jsonl"),
-        "preference": str(DATA / "dpo_en_demo.json"),
+        "preference": str(SAMPLE_DATA / "dpo_en_demo.json"),
     }
 
 
