@@ -55,9 +55,15 @@ def install_chat_template(tokenizer, choice: str) -> list[str]:
     return added
 
 
-def _render(tokenizer, turns, add_generation_prompt: bool) -> str:
+def _render(tokenizer, turns, add_generation_prompt: bool, where: str) -> str:
     messages = [{"role": r, "content": c} for r, c in turns]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja2's TemplateError and the template's own raise_exception(...)
+        raise DataError(
+            f"{where}: the chat template refuses this conversation ({type(e).__name__}: {e}); fix the record, or set "
+            "data.chat_template: plain or chatml (some model templates require alternating user/assistant turns)"
+        ) from None
 
 
 def render_chat(tokenizer, turns: list[tuple[str, str]], where: str) -> list[tuple[str, bool]]:
@@ -65,10 +71,12 @@ def render_chat(tokenizer, turns: list[tuple[str, str]], where: str) -> list[tup
     segments: list[tuple[str, bool]] = []
     done = ""
     for k, (role, _) in enumerate(turns):
-        if role != "assistant":
+        # An answer with nothing before it (a conversation opened by the assistant) has no prompt to learn from:
+        # it stays as untrained context.
+        if role != "assistant" or k == 0:
             continue
-        prompt = _render(tokenizer, turns[:k], add_generation_prompt=True)
-        full = _render(tokenizer, turns[: k + 1], add_generation_prompt=False)
+        prompt = _render(tokenizer, turns[:k], True, where)
+        full = _render(tokenizer, turns[: k + 1], False, where)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise DataError(
                 f"{where}: the chat template does not render this conversation turn by turn (turn {k} changes the "
@@ -79,7 +87,7 @@ def render_chat(tokenizer, turns: list[tuple[str, str]], where: str) -> list[tup
         body = answer.rstrip()
         segments += [(prompt[len(done) :], False), (body, True), (answer[len(body) :], False)]
         done = full
-    rest = _render(tokenizer, turns, add_generation_prompt=False)[len(done) :]
+    rest = _render(tokenizer, turns, False, where)[len(done) :]
     if rest:
         segments.append((rest, False))
     return [s for s in segments if s[0]]

@@ -1,7 +1,7 @@
 """A recipe's data, end to end: records -> checked examples -> held-out split -> tokens and masks, cached.
 
 `hf-vram prepare RECIPE` runs this once; training finds the cache under OUTPUT_DIR/prepared/ and skips the
-work. The cache key covers the data section, the source's content, the tokenizer (vocabulary, specials,
+work. The cache key covers the data section, the examples read, the tokenizer (vocabulary, specials,
 chat template) and the code's format version, so any change re-tokenizes.
 """
 
@@ -11,12 +11,12 @@ import hashlib
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep.formats import Pair, to_examples
-from data_prep.sources import read_records, source_fingerprint
-from data_prep.tokenize import IGNORE, Counts, tokenize_examples
+from data_prep.sources import read_records
+from data_prep.tokenize import IGNORE, tokenize_examples
 from hf_vram.atomic import atomic_write_json
 
 # Bump when tokenization or masking changes: old caches are then ignored.
@@ -27,6 +27,9 @@ FORMAT_VERSION = 1
 class Examples:
     train: list
     eval: list
+    # Record numbers of the examples in their source (messages name the record a user can find in the file).
+    train_index: list[int] = field(default_factory=list)
+    eval_index: list[int] = field(default_factory=list)
 
 
 def load_examples(data, seed: int) -> Examples:
@@ -38,14 +41,16 @@ def load_examples(data, seed: int) -> Examples:
 
     train = read(data.split)
     if data.eval_split:
-        return Examples(train, read(data.eval_split))
+        held = read(data.eval_split)
+        return Examples(train, held, list(range(len(train))), list(range(len(held))))
     if data.val_size:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
         n_eval = max(1, round(len(train) * data.val_size))
         held = set(order[:n_eval])
-        return Examples([e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)])
-    return Examples(train, [])
+        kept = [i for i in range(len(train)) if i not in held]
+        return Examples([train[i] for i in kept], [train[i] for i in sorted(held)], kept, sorted(held))
+    return Examples(train, [], list(range(len(train))), [])
 
 
 def example_texts(examples: list):
@@ -62,10 +67,12 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def cache_key(data, tokenizer, seed: int) -> str:
+def cache_key(data, tokenizer, examples: Examples) -> str:
+    """The examples themselves are hashed (they are in memory already): an edited file, a dataset folder or a new
+    Hub revision changes the key, where a name or a modification time could miss it."""
+    content = hashlib.sha256(repr((examples.train, examples.eval)).encode()).hexdigest()
     blob = json.dumps(
-        {"data": data.model_dump(), "source": source_fingerprint(data.source), "seed": seed,
-         "tokenizer": _tokenizer_fingerprint(tokenizer), "version": FORMAT_VERSION},
+        {"data": data.model_dump(), "examples": content, "tokenizer": _tokenizer_fingerprint(tokenizer), "version": FORMAT_VERSION},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -91,12 +98,12 @@ class Prepared:
     cache_dir: Path | None
 
 
-def prepare_dataset(examples: Examples, tokenizer, data, seed: int, cache_root: Path | None) -> Prepared:
+def prepare_dataset(examples: Examples, tokenizer, data, cache_root: Path | None) -> Prepared:
     """Tokenized train/eval datasets ({input_ids, labels}; for preference data {prompt, chosen, rejected}),
     from the cache when it holds this exact preparation."""
     import datasets
 
-    key = cache_key(data, tokenizer, seed)
+    key = cache_key(data, tokenizer, examples)
     cache = cache_root / key if cache_root else None
     if cache and (cache / "counts.json").is_file():
         counts = json.loads((cache / "counts.json").read_text())
@@ -104,14 +111,15 @@ def prepare_dataset(examples: Examples, tokenizer, data, seed: int, cache_root: 
         return Prepared(datasets.load_from_disk(str(cache / "train")), ev, counts, cache)
 
     counts, built = {}, {}
-    for split, exs in (("train", examples.train), ("eval", examples.eval)):
+    for split, exs, index in (("train", examples.train, examples.train_index), ("eval", examples.eval, examples.eval_index)):
         if not exs:
             continue
         if data.format == "preference":
             rows = preference_rows(exs)
-            counts[split] = Counts(samples=len(rows), kept=len(rows)).as_dict()
+            # Pairs are tokenized (and cut) by the DPO trainer; only their number is known here.
+            counts[split] = {"pairs": len(rows)}
         else:
-            rows, c = tokenize_examples(exs, tokenizer, data, data.source)
+            rows, c = tokenize_examples(exs, tokenizer, data, data.source, index)
             counts[split] = c.as_dict()
         if rows:
             built[split] = datasets.Dataset.from_list(rows)

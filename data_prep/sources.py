@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from data_prep.builtin import BUILTIN_SOURCES
@@ -29,6 +28,12 @@ def read_records(source: str, fmt: str, split: str = "train", subset: str | None
             ) from None
     if not path.exists():
         raise DataError(f"data.source: file '{source}' does not exist")
+    if split != "train":
+        raise DataError(
+            f"{source}: a local file has one split, so split '{split}' (data.split / data.eval_split) does not exist "
+            "in it; hold out part of it with data.val_size, or use a folder with one file per split (train.jsonl, "
+            "test.jsonl) as data.source"
+        )
     try:
         records = list(datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train"))
     except Exception as e:  # datasets wraps parse errors in several types
@@ -39,13 +44,3 @@ def read_records(source: str, fmt: str, split: str = "train", subset: str | None
     if len(records) and fmt != "text" and not any(records[0].values()):
         raise DataError(f"{source}: the first record has no values; is data.format '{fmt}' the file's layout?")
     return records
-
-
-def source_fingerprint(source: str) -> str:
-    """What identifies a source's content for caching: a local file's size and modification time, else its name
-    (Hub datasets are versioned by the datasets cache; builtin data by the code)."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        st = path.stat()
-        return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-    return source

@@ -55,8 +55,10 @@ def tokenize_segments(segments: list[tuple[str, bool]], tokenizer, max_length: i
     # Whole samples are tokenized and then cut at max_length (counted), so the length warning is noise here.
     enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True, verbose=False)
     ids = list(enc["input_ids"])
+    # A token that overlaps an answer is trained: a prompt ending in a space ("= ") puts that space in the
+    # answer's first token (" 2"), which must still be learned.
     labels = [
-        tok if end > start and any(a <= start < b for a, b in spans) else IGNORE
+        tok if end > start and any(start < b and end > a for a, b in spans) else IGNORE
         for tok, (start, end) in zip(ids, enc["offset_mapping"])
     ]
     eos = tokenizer.eos_token_id
@@ -75,14 +77,16 @@ def tokenize_segments(segments: list[tuple[str, bool]], tokenizer, max_length: i
     return ids[:max_length], labels[:max_length], truncated
 
 
-def tokenize_examples(examples: list, tokenizer, data, source: str) -> tuple[list[dict], Counts]:
-    """Tokenized rows {input_ids, labels} of the examples that keep a trained token, and the counts."""
+def tokenize_examples(examples: list, tokenizer, data, source: str, indices: list[int] | None = None) -> tuple[list[dict], Counts]:
+    """Tokenized rows {input_ids, labels} of the examples that keep a trained token, and the counts. indices are
+    the examples' record numbers in the source, for error messages."""
     counts, rows = Counts(samples=len(examples)), []
     for i, turns in enumerate(examples):
         if isinstance(turns, Pair):
             raise TypeError("preference pairs are tokenized by the DPO trainer, not here")
         chat = not {r for r, _ in turns} <= {"text", "prompt", "completion"}
-        segments = segments_of(turns, tokenizer, data.train_on_prompt, f"{source}: record {i}")
+        record = indices[i] if indices is not None else i
+        segments = segments_of(turns, tokenizer, data.train_on_prompt, f"{source}: record {record}")
         # Packed plain text is not cut here: the packer splits long documents across sequences, so no text is
         # lost. Instruction samples are cut, since a split would part an answer from its prompt.
         max_length = None if data.packing and data.format == "text" else data.max_length

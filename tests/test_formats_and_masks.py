@@ -159,6 +159,39 @@ def test_prompt_completion_trains_the_completion_and_eos(tok):
     assert stretches(rows[0], tok) == [(False, "Q: 1 + 1 ="), (True, " 2</s>")]
 
 
+def test_an_answer_token_that_begins_with_the_prompts_last_space_is_trained(tok):
+    rows, _ = tokenized([{"prompt": "Q: 1 + 1 = ", "completion": "2"}], "prompt_completion", tok)
+    assert trained_texts(rows[0], tok)[0].endswith("2</s>")  # the token " 2" spans the seam and is trained
+
+
+def test_masks_are_exact_with_a_sentencepiece_style_tokenizer():
+    """Llama-2 / Mistral style (Metaspace: spaces become a prefix mark), unlike the byte-level tokenizers above."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Metaspace()
+    corpus = ["### Instruction: Add two and three. ### Response: five", "What is one plus one? two"] * 50
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    sp = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    rows, _ = tokenized([{"instruction": "Add two and three.", "output": "five"}], "alpaca", sp, template="alpaca-short")
+    trained = [t for t, label in zip(rows[0]["input_ids"], rows[0]["labels"]) if label != IGNORE]
+    # After "\n" the answer has no word-start mark, so "five" is spelled fi + ve here.
+    assert sp.convert_ids_to_tokens(trained) == ["fi", "ve", "</s>"]
+
+
+def test_a_template_that_refuses_a_conversation_names_the_record(tok):
+    tok.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    bad = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}
+    with pytest.raises(DataError, match="mem.json: record 2: the chat template refuses this conversation.*roles must alternate"):
+        tokenized([good, good, bad], "messages", tok)
+
+
 def test_text_trains_everything_and_eos(tok):
     rows, _ = tokenized([{"text": "one plus one is two"}], "text", tok)
     assert stretches(rows[0], tok) == [(True, "one plus one is two</s>")]
@@ -176,6 +209,12 @@ def test_every_assistant_turn_is_trained_in_a_multi_turn_sharegpt_conversation(t
         (False, "\n\n### User:\nBye!\n\n### Assistant:\n"),
         (True, "Bye.</s>"),
     ]
+
+
+def test_an_answer_that_opens_the_conversation_is_context_not_trained(tok):
+    record = {"conversations": [{"from": "gpt", "value": "Hi there."}, {"from": "human", "value": "2 + 2?"}, {"from": "gpt", "value": "4"}]}
+    rows, _ = tokenized([record], "sharegpt", tok)
+    assert trained_texts(rows[0], tok) == ["4</s>"]
 
 
 def test_chatml_adds_its_tokens_and_trains_each_answer_with_its_end_marker(tok):
@@ -239,12 +278,24 @@ def test_preparation_is_cached_and_keyed_by_what_it_depends_on(tok, tmp_path):
     examples = load_examples(data, seed=1)
     assert (len(examples.train), len(examples.eval)) == (450, 50)
     install_chat_template(tok, "auto")
-    first = prepare_dataset(examples, tok, data, 1, tmp_path)
-    again = prepare_dataset(examples, tok, data, 1, tmp_path)
+    first = prepare_dataset(examples, tok, data, tmp_path)
+    again = prepare_dataset(examples, tok, data, tmp_path)
     assert again.cache_dir == first.cache_dir and again.counts == first.counts
     assert again.train["input_ids"] == first.train["input_ids"] and len(again.eval) == 50
-    shorter = prepare_dataset(examples, tok, data.model_copy(update={"max_length": 128}), 1, tmp_path)
+    shorter = prepare_dataset(examples, tok, data.model_copy(update={"max_length": 128}), tmp_path)
     assert shorter.cache_dir != first.cache_dir and shorter.counts["train"]["truncated"] > first.counts["train"]["truncated"]
+    # Changed data under the same name (an edited file, a dataset folder, a new Hub revision) is not served stale.
+    examples.train[0] = [("user", "Edited question?"), ("assistant", "Edited answer.")]
+    edited = prepare_dataset(examples, tok, data, tmp_path)
+    assert edited.cache_dir != first.cache_dir and edited.train[0]["input_ids"] != first.train[0]["input_ids"]
+
+
+def test_a_local_file_has_no_other_split(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "completion": "c"}))
+    data = DataSection(source=str(path), format="prompt_completion", eval_split="test")
+    with pytest.raises(DataError, match=f"{path}: a local file has one split, so split 'test'.*data.val_size"):
+        load_examples(data, seed=0)
 
 
 @needs_data

@@ -133,7 +133,7 @@ def prepare_data(loaded: LoadedRecipe, tokenizer_path: str | None, args=None) ->
     if recipe.data.format in (*CHAT_FORMATS, "preference"):
         install_chat_template(tokenizer, recipe.data.chat_template)
     with first("dataset"):
-        prepared = prepare_dataset(examples, tokenizer, recipe.data, recipe.train.seed, out / "prepared")
+        prepared = prepare_dataset(examples, tokenizer, recipe.data, out / "prepared")
     return tokenizer, prepared
 
 
