@@ -85,7 +85,7 @@ def _cmd_prepare(args) -> int:
 
     loaded = load_recipe(args.recipe, args.overrides)
     _, tokenizer_path = resolve_dependencies(loaded)
-    tokenizer, prepared = prepare_data(loaded, tokenizer_path)
+    tokenizer, prepared, _ = prepare_data(loaded, tokenizer_path)
     for split, counts in prepared.counts.items():
         print(f"{split}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     print(f"cached in {prepared.cache_dir}")

@@ -250,11 +250,10 @@ def _set_generation_config(model, tokenizer, output_dir: Path) -> None:
     if (output_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(output_dir)
         return
-    # The same special tokens the adapter was trained and scored with (hf_vram.build.model sets them the same way).
-    if tokenizer.pad_token_id is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if tokenizer.eos_token_id is not None:
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # The same stops the adapter was trained and scored with: the base's own, EOS, and a chat template's.
+    from hf_vram.build.model import set_stop_tokens
+
+    set_stop_tokens(model.generation_config, tokenizer)
 
 
 def _merged_card(output_dir: Path, base_ref: str, adapter_config: dict, dtype: torch.dtype):

@@ -34,8 +34,11 @@ def local_or_hub(ref: str) -> str:
     return str(p.resolve()) if p.exists() else ref
 
 
-def build_model(recipe: Recipe, tokenizer, model_path: str | None):
-    """The model to train: built from scratch or loaded (quantized), with the recipe's adapter applied."""
+def build_model(recipe: Recipe, tokenizer, model_path: str | None, added_token_ids=(), wrap: bool = True):
+    """(model, peft config): the model to train, built from scratch or loaded (quantized), wrapped in the recipe's
+    adapter unless wrap is False (trl's DPOTrainer wraps it itself, so that its reference model is the base with
+    the adapter switched off). added_token_ids are tokens a chat template added to the tokenizer: their rows
+    train beside the adapter even where the embedding matrix had spare rows for them."""
     m = recipe.model
     if m.arch:
         torch.manual_seed(recipe.train.seed)
@@ -68,29 +71,33 @@ def build_model(recipe: Recipe, tokenizer, model_path: str | None):
                 use_gradient_checkpointing=recipe.train.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
-    new_token_ids = grow_vocabulary(model, tokenizer)
-    if tokenizer.pad_token_id is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if tokenizer.eos_token_id is not None:
-        # Generation stops at EOS, at the stops the model already has (Llama-3-Instruct's <|eot_id|>), and at
-        # ChatML's <|im_end|> when the recipe's template uses it.
-        known = model.generation_config.eos_token_id
-        stops = {tokenizer.eos_token_id, *(known if isinstance(known, list) else [known] if known is not None else [])}
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if im_end is not None and im_end != tokenizer.unk_token_id:
-            stops.add(im_end)
-        model.generation_config.eos_token_id = sorted(stops) if len(stops) > 1 else tokenizer.eos_token_id
+    new_token_ids = sorted(set(grow_vocabulary(model, tokenizer)) | set(added_token_ids))
+    set_stop_tokens(model.generation_config, tokenizer)
     adapter = recipe.adapter
     if adapter.type == "llama-adapter":
         # The paper adapts the top 30 of 32 layers; a smaller model gets all of its layers at most.
         adapter = adapter.model_copy(update={"prompt_layers": min(adapter.prompt_layers, model.config.num_hidden_layers)})
     peft_config = adapter_config(adapter, new_token_ids, bool(getattr(model.config, "tie_word_embeddings", False)))
-    if peft_config is not None:
+    if peft_config is not None and wrap:
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
-        expose_bias_of_trainable_tokens(model)
-    return model
+    return model, peft_config
+
+
+def set_stop_tokens(generation_config, tokenizer) -> None:
+    """Generation stops at EOS, at the stops the model already has (Llama-3-Instruct's <|eot_id|>), and at
+    ChatML's <|im_end|> when the tokenizer has it. Also used when a merged model is saved (hf_vram/export.py)."""
+    if tokenizer.pad_token_id is not None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.eos_token_id is None:
+        return
+    known = generation_config.eos_token_id
+    stops = {tokenizer.eos_token_id, *(known if isinstance(known, list) else [known] if known is not None else [])}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if im_end is not None and im_end != tokenizer.unk_token_id:
+        stops.add(im_end)
+    generation_config.eos_token_id = sorted(stops) if len(stops) > 1 else tokenizer.eos_token_id
 
 
 def expose_bias_of_trainable_tokens(model) -> None:

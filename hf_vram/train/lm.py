@@ -22,7 +22,7 @@ from data_prep.chat import install_chat_template
 from data_prep.formats import CHAT_FORMATS
 from data_prep.prepare import Prepared, example_texts, load_examples, prepare_dataset
 from hf_vram.atomic import atomic_write_json, atomic_write_text
-from hf_vram.build.model import build_model, count_parameters
+from hf_vram.build.model import build_model, count_parameters, expose_bias_of_trainable_tokens
 from hf_vram.build.tokenizer import load_tokenizer
 from hf_vram.build.training_args import training_args
 from hf_vram.card import model_card
@@ -107,8 +107,9 @@ class Run:
         return self.trainer.args.process_index == 0
 
 
-def prepare_data(loaded: LoadedRecipe, tokenizer_path: str | None, args=None) -> tuple[object, Prepared]:
-    """The recipe's tokenizer (chat template installed) and its tokenized, cached data. Under a launcher the main
+def prepare_data(loaded: LoadedRecipe, tokenizer_path: str | None, args=None) -> tuple[object, Prepared, list[int]]:
+    """The recipe's tokenizer (chat template installed), its tokenized, cached data, and the ids of tokens the
+    chat template added to the vocabulary. Under a launcher the main
     process trains the tokenizer and fills the cache while the others wait, then they load the same files, so
     every rank has the same vocabulary and a resumed run keeps the one its checkpoints were trained with."""
     from contextlib import nullcontext
@@ -130,11 +131,12 @@ def prepare_data(loaded: LoadedRecipe, tokenizer_path: str | None, args=None) ->
             tokenizer = load_tokenizer(recipe, tokenizer_path, example_texts(examples.train))
             if recipe.tokenizer.train:
                 tokenizer.save_pretrained(tokenizer_dir)
+    added: list[str] = []
     if recipe.data.format in (*CHAT_FORMATS, "preference"):
-        install_chat_template(tokenizer, recipe.data.chat_template)
+        added = install_chat_template(tokenizer, recipe.data.chat_template)
     with first("dataset"):
         prepared = prepare_dataset(examples, tokenizer, recipe.data, out / "prepared")
-    return tokenizer, prepared
+    return tokenizer, prepared, tokenizer.convert_tokens_to_ids(added)
 
 
 def prepare(loaded: LoadedRecipe) -> Run:
@@ -146,14 +148,16 @@ def prepare(loaded: LoadedRecipe) -> Run:
     # Training arguments first: they set up the process group (and DeepSpeed's config) that the rest relies on.
     has_eval = bool(recipe.data.eval_split or recipe.data.val_size)
     args = training_args(recipe, str(out), has_eval)
-    tokenizer, prepared = prepare_data(loaded, tokenizer_path, args)
+    tokenizer, prepared, added_token_ids = prepare_data(loaded, tokenizer_path, args)
 
-    model = build_model(recipe, tokenizer, model_path)
-    trainable, total = count_parameters(model)
+    dpo = recipe.task == "dpo"
+    # trl's DPOTrainer wraps the model in the adapter itself: its reference model is then the same weights with
+    # the adapter switched off, not a second frozen copy of the adapter saved beside the trained one.
+    model, peft_config = build_model(recipe, tokenizer, model_path, added_token_ids, wrap=not dpo)
     if args.process_index == 0:
         discard_incomplete(out)
         atomic_write_text(out / "recipe.yaml", loaded.resolved_yaml())
-    trainer_class = GuardedDPOTrainer if recipe.task == "dpo" else GuardedSFTTrainer
+    trainer_class = GuardedDPOTrainer if dpo else GuardedSFTTrainer
     trainer = trainer_class(
         model=model,
         args=args,
@@ -161,7 +165,10 @@ def prepare(loaded: LoadedRecipe) -> Run:
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
         callbacks=[CommitCheckpoints(keep=recipe.train.save_total_limit)],
+        **({"peft_config": peft_config} if dpo else {}),
     )
+    expose_bias_of_trainable_tokens(trainer.model)
+    trainable, total = count_parameters(trainer.model)
     if recipe.adapter.type == "llama-adapter":
         # peft's AdaptionPromptModel keeps the forward it found at wrapping time; the trainer has since replaced
         # the inner model's forward with one that can return per-token log-probabilities (trl's fused LM head).
@@ -234,6 +241,10 @@ def fit(run: Run) -> dict:
         margins = [e["rewards/margins"] for e in trainer.state.log_history if "rewards/margins" in e]
         summary.update(first_reward_margin=margins[0] if margins else None, final_reward_margin=margins[-1] if margins else None)
     trainer.save_model(str(out))
+    if main and recipe.adapter.type != "none":
+        # An adapter directory has no generation_config.json of its own; the stops set for training (EOS, the chat
+        # template's end of turn) then reach `hf-vram merge` and anyone reading the output.
+        trainer.model.generation_config.save_pretrained(str(out))
     if main and getattr(getattr(trainer.model, "peft_config", {}).get("default"), "trainable_token_indices", None):
         # The vocabulary grew (a chat template's tokens): save the resized embedding and output layers whole.
         # peft decides this by comparing with the base's config, which it cannot read offline for a Hub base.
