@@ -28,6 +28,7 @@ PLAIN_TEMPLATE = (
 
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
@@ -46,6 +47,9 @@ def install_chat_template(tokenizer, choice: str) -> list[str]:
         choice = "plain"
     if choice == "plain":
         tokenizer.chat_template = PLAIN_TEMPLATE
+        return []
+    if choice != "chatml":  # a template given in the recipe
+        tokenizer.chat_template = choice
         return []
     vocab = tokenizer.get_vocab()
     added = [t for t in CHATML_TOKENS if t not in vocab]

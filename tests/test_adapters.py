@@ -44,6 +44,10 @@ def test_adapter_kind_trains_and_loads_in_a_pipeline(name, tmp_path, tiny_base):
     model = run.model
     q_proj = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj" if adapter["type"] in ("lora", "dora", "rslora") else "")
     assert any(isinstance(m, linear) for m in model.modules())
+    if quant.get("bits") == 4:
+        four_bit = [m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert {w.quant_type for w in four_bit} == {quant.get("type", "nf4")}
+        assert {bool(w.quant_state.nested) for w in four_bit} == {quant.get("double_quant", True)}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     if trainable_names:
         assert trainable and all(any(t in n for t in trainable_names) for n in trainable), sorted(trainable)[:4]

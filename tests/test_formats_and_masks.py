@@ -226,7 +226,7 @@ def test_chatml_adds_its_tokens_and_trains_each_answer_with_its_end_marker(tok):
     rows, _ = tokenized([record], "messages", tok, chat_template="chatml")
     assert len(tok) == size + 2 and all(t in tok.get_vocab() for t in CHATML_TOKENS)
     assert stretches(rows[0], tok) == [
-        (False, "<|im_start|>user\n2 + 2?<|im_end|>\n<|im_start|>assistant\n"),
+        (False, "<s><|im_start|>user\n2 + 2?<|im_end|>\n<|im_start|>assistant\n"),
         (True, "4<|im_end|>"),
         (False, "\n<|im_start|>user\n3 + 3?<|im_end|>\n<|im_start|>assistant\n"),
         (True, "6<|im_end|></s>"),  # EOS appended after the last answer
@@ -244,6 +244,15 @@ def test_a_model_template_without_generation_markers_is_used_as_it_is(tok):
     rows, _ = tokenized([record], "messages", tok, chat_template="auto")
     assert trained_texts(rows[0], tok) == ["A1<|eot|>", "A2<|eot|></s>"]
     assert stretches(rows[0], tok)[0] == (False, "<s><|start|>system\n\nS<|eot|><|start|>user\n\nU1<|eot|><|start|>assistant\n\n")
+
+
+def test_a_template_given_in_the_recipe_is_used(tok):
+    rows, _ = tokenized([{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}], "messages", tok,
+                        chat_template="{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                                      "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert stretches(rows[0], tok) == [(False, "<user>Hi<assistant>"), (True, "Yo</s>")]
+    with pytest.raises(ValueError, match="expected auto, plain, chatml, or a Jinja chat template"):
+        DataSection(source="x.json", chat_template="chatlm")
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_with_the_fix(tok):

@@ -54,6 +54,13 @@ def test_out_of_range_value(tmp_path, good):
     assert "train.lr: Input should be greater than 0" in _error(tmp_path, good)
 
 
+def test_values_checked_before_anything_is_built(tmp_path, good):
+    msg = _error(tmp_path, good, "hub.repo_id=notarepo", "dpo.loss_type=sigmod", "data.chat_template=chatlm")
+    assert "hub.repo_id: got 'notarepo', expected owner/name (e.g. my-user/my-model)" in msg
+    assert "dpo.loss_type: got 'sigmod', expected one of" in msg and "(did you mean 'sigmoid'?)" in msg
+    assert "data.chat_template: got 'chatlm', expected auto, plain, chatml, or a Jinja chat template" in msg
+
+
 def test_missing_data_file(tmp_path, good):
     good["data"]["source"] = str(tmp_path / "nope.jsonl")
     msg = _error(tmp_path, good)

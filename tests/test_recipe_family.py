@@ -112,7 +112,7 @@ def test_tiny_variant_of_the_recipe_trains_and_loads(name, tiny_english_base, sa
 
 def test_dpo_recipe_widens_the_reward_margin(tiny_english_base, samples, tmp_path):
     loaded = tiny_variant(
-        "llama7b-qlora-dpo", tiny_english_base, samples["preference"], tmp_path / "out",
+        "mistral7b-qlora-dpo", tiny_english_base, samples["preference"], tmp_path / "out",
         **{"data.max_samples": 40, "data.val_size": 0.2, "data.max_length": 192, "train.max_steps": 16, "train.lr": 2e-3},
     )
     run = prepare(loaded)

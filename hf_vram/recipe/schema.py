@@ -7,9 +7,10 @@ command-line overrides (`train.lr=1e-4`) still read as numbers.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -102,10 +103,18 @@ class DataSection(Section):
     template: Literal["alpaca", "alpaca-short"] = "alpaca"
     # Conversation layout for sharegpt / messages / preference records: auto = the tokenizer's chat template when
     # it has one, else plain; plain = "### User:" / "### Assistant:" turns, each answer ended by EOS (no new
-    # tokens); chatml = <|im_start|>role ... <|im_end|> (the two tokens are added when the vocabulary lacks them).
-    chat_template: Literal["auto", "plain", "chatml"] = "auto"
+    # tokens); chatml = <|im_start|>role ... <|im_end|> (the two tokens are added when the vocabulary lacks them);
+    # or a Jinja chat template of your own (a model's template that its tokenizer does not ship).
+    chat_template: str = "auto"
     # Text put in place of {{key}} placeholders in every field (e.g. name: MyBot for LLaMA-Factory's identity data).
     placeholders: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if value not in ("auto", "plain", "chatml") and "{{" not in value and "{%" not in value:
+            raise ValueError(f"got '{value}', expected auto, plain, chatml, or a Jinja chat template ({{% for message in messages %}}...)")
+        return value
     # Longest sequence in tokens; longer samples are truncated.
     max_length: int = Field(512, ge=8)
     # Pack several samples into each sequence (no padding waste).
@@ -173,8 +182,12 @@ class EvalSection(Section):
 class DPOSection(Section):
     # Strength of the pull towards the reference model (DPO's beta): lower lets the policy move further.
     beta: float = Field(0.1, gt=0)
-    # DPO loss: sigmoid (the DPO paper's), ipo, hinge, robust, ... (any of trl's loss_type values).
-    loss_type: str = "sigmoid"
+    # DPO loss (trl's loss_type): sigmoid (the DPO paper's), ipo, hinge, robust, ... (exo_pair needs label
+    # smoothing, which recipes do not set, so it is not offered).
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+        "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+    ] = "sigmoid"
 
 
 class HubSection(Section):
@@ -182,6 +195,14 @@ class HubSection(Section):
     repo_id: str | None = None
     # Create the repository as private when it is pushed.
     private: bool = True
+
+    @field_validator("repo_id")
+    @classmethod
+    def _owner_name(cls, value: str | None) -> str | None:
+        # Checked here, not at push time: a typo must not surface only after hours of training.
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", value):
+            raise ValueError(f"got '{value}', expected owner/name (e.g. my-user/my-model)")
+        return value
 
 
 class Recipe(Section):
