@@ -172,3 +172,47 @@ def test_chatml_tokens_survive_training_loading_and_merging(tiny_english_base, s
     assert tok.convert_tokens_to_ids("<|im_start|>") in ids[0].tolist()
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+# Qwen2.5-Instruct's template, without its tool-calling branches: a default system prompt, <|im_start|> turns, and
+# no {% generation %} markers, as chat models ship it.
+QWEN_STYLE_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_instruct_base(tiny_english_base, tmp_path_factory):
+    """The tiny base dressed as an instruct model: ChatML tokens in its vocabulary and a Qwen-style template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("instruct-base")
+    tok = AutoTokenizer.from_pretrained(tiny_english_base)
+    tok.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = QWEN_STYLE_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(tiny_english_base)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_chat_recipe_trains_with_the_models_own_template(tiny_instruct_base, samples, tmp_path):
+    """chat_template: auto on a model that ships a template: it is used as it is, every answer is trained up to
+    the template's <|im_end|>, and the saved tokenizer keeps the model's template."""
+    from transformers import AutoTokenizer
+
+    loaded = tiny_variant("qwen2.5-7b-qlora-chat", tiny_instruct_base, samples["messages"], tmp_path / "out")
+    run = prepare(loaded)
+    im_end = run.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    row = run.trainer.train_dataset[0]
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    assert trained.count(im_end) >= 1 and run.tokenizer.decode(row["input_ids"][:12]).startswith("<|im_start|>system\nYou are")
+    assert len(run.tokenizer) == len(AutoTokenizer.from_pretrained(tiny_instruct_base))  # no tokens added
+    summary = fit(run)
+    assert summary["eval_loss"] < summary["eval_before"]["eval_loss"]
+    assert AutoTokenizer.from_pretrained(loaded.output_dir).chat_template == QWEN_STYLE_TEMPLATE
+    (text,) = pipeline_generate(loaded.output_dir, ["Who are you?"], max_new_tokens=6)
+    assert isinstance(text, str)
