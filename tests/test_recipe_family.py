@@ -204,7 +204,8 @@ def test_a_chat_recipe_trains_with_the_models_own_template(tiny_instruct_base, s
     the template's <|im_end|>, and the saved tokenizer keeps the model's template."""
     from transformers import AutoTokenizer
 
-    loaded = tiny_variant("qwen2.5-7b-qlora-chat", tiny_instruct_base, samples["messages"], tmp_path / "out")
+    loaded = tiny_variant("qwen2.5-7b-qlora-chat", tiny_instruct_base, samples["messages"], tmp_path / "out",
+                          **{"train.eval_steps": 12})
     run = prepare(loaded)
     im_end = run.tokenizer.convert_tokens_to_ids("<|im_end|>")
     row = run.trainer.train_dataset[0]
@@ -213,6 +214,10 @@ def test_a_chat_recipe_trains_with_the_models_own_template(tiny_instruct_base, s
     assert len(run.tokenizer) == len(AutoTokenizer.from_pretrained(tiny_instruct_base))  # no tokens added
     summary = fit(run)
     assert summary["eval_loss"] < summary["eval_before"]["eval_loss"]
+    # Held-out loss and perplexity during training too, every train.eval_steps (12, 24, 36, 48).
+    evals = [(e["step"], e["eval_loss"]) for e in run.trainer.state.log_history if "eval_loss" in e]
+    assert [step for step, _ in evals if step > 0][:4] == [12, 24, 36, 48], evals
+    assert sum("eval_perplexity" in e for e in run.trainer.state.log_history) >= 5  # before, 4 during, end
     assert AutoTokenizer.from_pretrained(loaded.output_dir).chat_template == QWEN_STYLE_TEMPLATE
     (text,) = pipeline_generate(loaded.output_dir, ["Who are you?"], max_new_tokens=6)
     assert isinstance(text, str)
