@@ -86,8 +86,9 @@ def _cmd_prepare(args) -> int:
     loaded = load_recipe(args.recipe, args.overrides)
     _, tokenizer_path = resolve_dependencies(loaded)
     tokenizer, prepared, _ = prepare_data(loaded, tokenizer_path)
+    order = ("samples", "kept", "truncated", "dropped", "tokens", "trained_tokens", "pairs")
     for split, counts in prepared.counts.items():
-        print(f"{split}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+        print(f"{split}: " + ", ".join(f"{k} {counts[k]:,}" for k in order if k in counts))
     print(f"cached in {prepared.cache_dir}")
     if args.inspect:
         if loaded.recipe.data.format == "preference":
