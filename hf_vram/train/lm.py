@@ -109,9 +109,9 @@ class Run:
 
 def prepare_data(loaded: LoadedRecipe, tokenizer_path: str | None, args=None) -> tuple[object, Prepared, list[int]]:
     """The recipe's tokenizer (chat template installed), its tokenized, cached data, and the ids of tokens the
-    chat template added to the vocabulary. Under a launcher the main
-    process trains the tokenizer and fills the cache while the others wait, then they load the same files, so
-    every rank has the same vocabulary and a resumed run keeps the one its checkpoints were trained with."""
+    chat template added to the vocabulary. Under a launcher the main process trains the tokenizer and fills the
+    cache while the others wait, then they load the same files, so every rank has the same vocabulary and a
+    resumed run keeps the one its checkpoints were trained with."""
     from contextlib import nullcontext
 
     recipe, out = loaded.recipe, loaded.output_dir
