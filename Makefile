@@ -9,10 +9,11 @@ TORCH  ?= torch==2.13.0
 RECIPE ?= demo
 NPROC  ?= 1
 ARGS   ?=
+GPU    ?= rtx4070
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install finetune train validate test lint bench clean
+.PHONY: install finetune train validate plan table test lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +34,13 @@ train: $(STAMP)
 
 validate: $(STAMP)
 	$(BIN)/hf-vram validate recipes
+
+# Predicted peak VRAM and time of a recipe on a card (GPU=rtx3060|rtx4070|rtx4090|a100-40gb|a100-80gb|h100).
+plan: $(STAMP)
+	$(BIN)/hf-vram plan $(RECIPE) --gpu $(GPU) $(ARGS)
+
+table: $(STAMP)
+	$(BIN)/hf-vram table --gpu $(GPU) --csv outputs/recipes-on-$(GPU).csv
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

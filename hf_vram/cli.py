@@ -104,6 +104,44 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from hf_vram.recipe.load import load_recipe
+    from hf_vram.vram.gpus import get_gpu
+    from hf_vram.vram.plan import fit_overrides, format_plan, plan_recipe
+
+    gpu = get_gpu(args.gpu)
+    loaded = load_recipe(args.recipe, args.overrides)
+    plan = plan_recipe(loaded, gpu)
+    print(format_plan(loaded, plan))
+    if args.fit:
+        changes, fitted = fit_overrides(loaded, gpu)
+        if fitted is None or not fitted.fits:
+            print(f"--fit: no micro-batch, checkpointing or optimizer setting fits {gpu.name}; shorten data.max_length "
+                  "or quantize the base (quant.bits: 4)")
+            return 1
+        if not changes:
+            print("--fit: the recipe fits as it is")
+        else:
+            print(f"--fit: {' '.join(changes)}")
+            print(format_plan(load_recipe(args.recipe, [*args.overrides, *changes]), fitted))
+    return 0 if plan.fits or args.fit else 1
+
+
+def _cmd_table(args) -> int:
+    from pathlib import Path
+
+    from hf_vram.vram.gpus import get_gpu
+    from hf_vram.vram.plan import format_table, table_rows
+
+    gpu = get_gpu(args.gpu)
+    md, csv_text = format_table(table_rows(gpu), gpu)
+    print(md)
+    if args.csv:
+        Path(args.csv).write_text(csv_text)
+        print(f"\nwritten to {args.csv}")
+    return 0
+
+
 def _cmd_generate(args) -> int:
     from hf_vram.generate import pipeline_generate
 
@@ -153,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key.path=value")
     s.add_argument("--inspect", type=int, default=0, metavar="N", help="print N formatted samples, trained tokens marked")
     s.set_defaults(func=_cmd_prepare)
+
+    s = sub.add_parser("plan", help="predict peak VRAM and training time of a recipe on a card (no weights loaded)")
+    s.add_argument("recipe", help="a shipped recipe name or a path to a YAML recipe")
+    s.add_argument("overrides", nargs="*", metavar="key.path=value")
+    s.add_argument("--gpu", default="rtx4070", help="rtx3060, rtx4070 (default), rtx4090, a100-40gb, a100-80gb, h100")
+    s.add_argument("--fit", action="store_true", help="change micro-batch, checkpointing, optimizer until it fits")
+    s.set_defaults(func=_cmd_plan)
+
+    s = sub.add_parser("table", help="predicted memory, fit and time of every shipped recipe on a card")
+    s.add_argument("--gpu", default="rtx4070")
+    s.add_argument("--csv", help="also write the table as CSV to this file")
+    s.set_defaults(func=_cmd_table)
 
     s = sub.add_parser("generate", help="generate from an output directory through transformers.pipeline")
     s.add_argument("output_dir")

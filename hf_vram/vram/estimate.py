@@ -1,0 +1,282 @@
+"""Predict a recipe's peak training memory on a GPU, and its training time, from its config alone.
+
+No weights are loaded: the model is built on the meta device (shapes only) and wrapped in the recipe's peft
+adapter there, which gives exact parameter counts per kind of tensor. Bytes then follow from how each library
+stores them in training (written here because no library predicts this; accelerate's estimate-memory counts
+weights and Adam states only):
+- bitsandbytes NF4/FP4: 0.5 byte per weight of every Linear in the blocks, plus one absmax per 64 weights
+  (fp32, or 8-bit with a second-level fp32 constant per 256 blocks under double quantization). peft's
+  prepare_model_for_kbit_training casts everything else (embeddings, norms, lm_head) to fp32.
+- LoRA on a quantized base: trl keeps the adapter in bf16; on an unquantized base peft upcasts it to fp32.
+- Full fine-tune: fp32 weights, gradients and AdamW states (mixed precision computes in bf16).
+- Activations per layer and token of a Llama-style block, counted tensor by tensor (see _layer_elements), in
+  the compute dtype; gradient checkpointing keeps only each layer's input plus one layer recomputed.
+- Loss: trl computes log-probabilities in chunks of up to 32,768 tokens with the logits in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from hf_vram.recipe.load import LoadedRecipe
+from hf_vram.recipe.schema import Recipe
+from hf_vram.vram.gpus import GPU
+
+GiB = 2**30
+# What CUDA, cuBLAS and torch take before the first tensor (typically 0.3-0.6 GiB with lazy module loading).
+CUDA_CONTEXT = int(0.5 * GiB)
+# The caching allocator reserves more than it hands out: block rounding and fragmentation.
+ALLOCATOR_OVERHEAD = 0.05
+# trl's fused LM head scores this many tokens per chunk (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE).
+LOGPROB_CHUNK = 32768
+# Model FLOPs utilisation assumed for time: dense bf16 training reaches 35-45% on one card; bitsandbytes'
+# dequantization in every 4-bit matmul costs about a third of that.
+MFU = {"full": 0.40, "adapter": 0.35, "qlora": 0.25}
+
+
+@dataclass
+class Item:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    items: list[Item]
+    gpu: GPU
+    params: int
+    trainable: int
+    settings: dict  # micro_batch_size, grad_accum, max_length, gradient_checkpointing, optimizer
+    flops_per_token: float
+    tokens_per_step: int
+    steps: int | None
+    seconds: float | None
+    mfu: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+    @property
+    def usable(self) -> int:
+        return int(self.gpu.memory_gib * GiB)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.usable
+
+
+def _bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+@dataclass
+class Counts:
+    """Parameters of the model by how they are stored."""
+
+    block_linear: int  # weights of nn.Linear layers inside the blocks (what bitsandbytes quantizes)
+    block_linear_rows: int  # their output features summed (8-bit keeps one scale per row)
+    other: int  # embeddings, lm_head, norms, biases
+    trainable: int  # what the optimizer updates (adapter, or everything)
+    total: int
+
+
+def count_parameters(config, recipe: Recipe) -> Counts:
+    """Exact counts from a meta-device model (no memory is allocated). Adapter sizes follow peft's layer shapes
+    (importing peft would pull in bitsandbytes and double the time `plan` takes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    a = recipe.adapter
+    targets = a.target_modules
+    block_linear = rows = adapter = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            block_linear += module.weight.numel()
+            rows += module.out_features
+            if a.type in ("lora", "dora", "rslora") and (targets == "all-linear" or name.rsplit(".", 1)[-1] in targets):
+                # LoRA A (r x in) and B (out x r); DoRA adds a magnitude per output.
+                adapter += a.r * (module.in_features + module.out_features) + (module.out_features if a.type == "dora" else 0)
+    if a.type == "llama-adapter":
+        # peft's adaption prompt: prompt_length x hidden values and one gate per adapted layer.
+        adapter = min(a.prompt_layers, config.num_hidden_layers) * (a.prompt_length * config.hidden_size + 1)
+    # Tied embeddings are one tensor: parameters() yields it once.
+    total = sum(p.numel() for p in model.parameters())
+    trainable = total if a.type == "none" else adapter
+    return Counts(block_linear, rows, total - block_linear, trainable, total + (adapter if a.type != "none" else 0))
+
+
+def _layer_elements(config, recipe: Recipe) -> int:
+    """Activation elements one decoder layer keeps for backward, per token (Llama / Mistral / Qwen2 blocks)."""
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    i = getattr(config, "intermediate_size", 4 * h)
+    # input (residual), norm output, q, k, v, rotated q and k, attention output, residual into the second norm,
+    # its output; gate, up, act(gate), act(gate) * up.
+    elements = 7 * h + 3 * kv + 4 * i
+    if recipe.adapter.type in ("lora", "dora", "rslora") and recipe.adapter.dropout > 0:
+        # LoRA dropout makes a copy of each adapted layer's input: q, k, v, o, gate, up (h each) and down (i).
+        elements += 6 * h + i
+    return elements
+
+
+def _attention_scores_bytes(config, recipe: Recipe, micro: int, seq: int, act: int) -> int:
+    """Eager attention keeps the scores and probabilities (heads x seq x seq); sdpa and flash attention do not."""
+    if recipe.model.attn_implementation != "eager":
+        return 0
+    return 2 * config.num_attention_heads * seq * seq * micro * act
+
+
+def weights_item(counts: Counts, recipe: Recipe, compute_dtype: str) -> Item:
+    q = recipe.quant
+    if q.bits == 4:
+        # Packed 4-bit values, then absmax per 64: fp32, or 8-bit plus one fp32 constant per 256 blocks.
+        scales = counts.block_linear / 64 * (1 + 4 / 256 if q.double_quant else 4)
+        b = counts.block_linear * 0.5 + scales + counts.other * 4
+        note = f"{q.type} 4-bit blocks + absmax ({'double-quantized' if q.double_quant else 'fp32'}); embeddings, norms, lm_head fp32"
+    elif q.bits == 8:
+        b = counts.block_linear + counts.block_linear_rows * 4 + counts.other * 4
+        note = "int8 weights + a fp32 scale per row; embeddings, norms, lm_head fp32"
+    elif recipe.adapter.type != "none":
+        dtype = compute_dtype if recipe.model.dtype == "auto" else recipe.model.dtype
+        b = (counts.block_linear + counts.other) * _bytes(dtype)
+        note = f"frozen base in {dtype}"
+    else:
+        b = counts.total * 4
+        note = "fp32 master weights (mixed precision computes in bf16)"
+    return Item("weights", int(b), note)
+
+
+def trainable_bytes(recipe: Recipe, compute_dtype: str) -> int:
+    """Bytes per trainable parameter (and per gradient)."""
+    if recipe.adapter.type == "none":
+        return 4
+    # trl keeps a quantized model's adapter in the compute dtype; peft upcasts other adapters to fp32.
+    return _bytes(compute_dtype) if recipe.quant.bits else 4
+
+
+def optimizer_bytes(optimizer: str, n: int, param_bytes: int) -> tuple[int, str]:
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        # Two 8-bit states plus an fp32 absmax per 256 values each.
+        return int(n * (2 + 2 * 4 / 256)), "AdamW, two 8-bit states" + (" (paged)" if optimizer.startswith("paged") else "")
+    if optimizer == "paged_adamw_32bit":
+        return n * 8, "AdamW, two fp32 states (paged)"
+    # torch's AdamW keeps its two states in the parameter's dtype.
+    return 2 * n * param_bytes, f"AdamW, two states in the parameters' dtype ({param_bytes} bytes each)"
+
+
+def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", samples: int | None = None,
+             counts: Counts | None = None) -> Plan:
+    """The predicted peak of one training step, item by item, and the predicted time of the whole recipe."""
+    t, d = recipe.train, recipe.data
+    counts = counts or count_parameters(config, recipe)
+    act = _bytes(compute_dtype)
+    micro, seq = t.micro_batch_size, d.max_length
+    dpo = recipe.task == "dpo"
+    seqs = micro * (2 if dpo else 1)  # a preference pair is a chosen and a rejected sequence
+    tokens = seqs * seq
+    layers = config.num_hidden_layers
+    h = config.hidden_size
+
+    items = [weights_item(counts, recipe, compute_dtype)]
+    pbytes = trainable_bytes(recipe, compute_dtype)
+    trainable = counts.trainable
+    if recipe.adapter.type != "none":
+        items.append(Item("adapter", trainable * pbytes, f"{recipe.adapter.type}: {trainable:,} parameters"))
+    items.append(Item("gradients", trainable * pbytes, f"{pbytes} bytes per trainable parameter"))
+    opt, note = optimizer_bytes(t.optimizer, trainable, pbytes)
+    items.append(Item("optimizer states", opt, note))
+
+    per_layer = _layer_elements(config, recipe) * tokens * act + _attention_scores_bytes(config, recipe, seqs, seq, act)
+    if t.gradient_checkpointing:
+        saved = layers * h * tokens * act + per_layer  # every layer's input, plus one layer recomputed in backward
+        how = f"checkpointed: {layers} layer inputs + 1 layer recomputed"
+    else:
+        saved = layers * per_layer
+        how = f"{layers} layers x {per_layer / 2**20:.0f} MiB"
+    # Backward holds the gradient of the hidden states beside the saved activations.
+    saved += 2 * h * tokens * act
+    items.append(Item("activations", int(saved), f"{how}; {micro} x {seq} tokens" + (" x 2 (chosen, rejected)" if dpo else "")))
+
+    vocab = config.vocab_size
+    chunk = min(tokens, LOGPROB_CHUNK)
+    if dpo:
+        # trl's DPO computes full logits: the compute-dtype logits, their fp32 log-softmax and its gradient.
+        logits = tokens * vocab * (act + 4 + 4)
+        lnote = f"{tokens} tokens x {vocab:,} vocabulary: logits, fp32 log-softmax and gradient"
+    else:
+        logits = chunk * vocab * 4 * 2
+        lnote = f"trl's chunked log-probs: {chunk} tokens x {vocab:,} vocabulary in fp32, with softmax"
+    items.append(Item("logits and loss", int(logits), lnote))
+    slack = int(ALLOCATOR_OVERHEAD * sum(i.bytes for i in items))
+    items.append(Item("CUDA context + allocator", CUDA_CONTEXT + slack,
+                      f"{CUDA_CONTEXT / GiB:.1f} GiB context, {ALLOCATOR_OVERHEAD:.0%} caching-allocator slack"))
+
+    fpt = flops_per_token(config, seq, recipe)
+    steps = t.max_steps or (math.ceil(t.epochs * samples / (micro * t.grad_accum)) if samples else None)
+    kind = "full" if recipe.adapter.type == "none" else ("qlora" if recipe.quant.bits else "adapter")
+    mfu = MFU[kind]
+    step_tokens = micro * t.grad_accum * seq * (2 if dpo else 1)
+    seconds = steps * step_tokens * fpt / (gpu.bf16_tflops * 1e12 * mfu) if steps else None
+    settings = {k: getattr(t, k) for k in ("micro_batch_size", "grad_accum", "gradient_checkpointing", "optimizer")}
+    settings["max_length"] = seq
+    return Plan(items, gpu, counts.total, trainable, settings, fpt, step_tokens, steps, seconds, mfu)
+
+
+def flops_per_token(config, seq: int, recipe: Recipe) -> float:
+    """Training FLOPs per token: 6 per weight of every matmul (forward 2, backward 4) plus attention scores
+    (12 x layers x hidden x seq, causal masking not discounted), as in nanoGPT and trl's compute_flops_per_token.
+    A frozen base skips its weight gradients (4 per weight instead of 6); checkpointing runs the forward twice."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    i = getattr(config, "intermediate_size", None) or 4 * h
+    experts = getattr(config, "num_experts_per_tok", None) or 1
+    matmul = layers * (h * (heads * head_dim + 2 * kv) + heads * head_dim * h + 3 * h * i * experts) + config.vocab_size * h
+    f = 6.0 * matmul + 12.0 * layers * heads * head_dim * seq
+    if recipe.adapter.type != "none":
+        f *= 2 / 3
+    if recipe.train.gradient_checkpointing:
+        f *= 4 / 3
+    return f
+
+
+def resolve_config(loaded: LoadedRecipe):
+    """The model config of a recipe, with no weights: from the local output or Hub (config.json only), from the
+    recipe itself for a model built from scratch, or from hf-vram's table of known bases when offline."""
+    from transformers import AutoConfig
+
+    from hf_vram.errors import UserError
+    from hf_vram.vram.known_configs import KNOWN_CONFIGS
+
+    r = loaded.recipe
+    if r.model.arch:
+        config = AutoConfig.for_model(r.model.arch, **r.model.config)
+        if r.tokenizer.train:
+            config.vocab_size = r.tokenizer.vocab_size
+        return config
+    ref = r.model.name_or_path
+    if ref.startswith("recipe:"):
+        from hf_vram.recipe.load import find_recipe, load_recipe
+
+        dep = load_recipe(find_recipe(ref.removeprefix("recipe:"), relative_to=loaded.path.parent))
+        if (dep.output_dir / "config.json").is_file():
+            return AutoConfig.from_pretrained(dep.output_dir)
+        return resolve_config(dep)
+    try:
+        return AutoConfig.from_pretrained(ref)
+    except (OSError, ValueError):
+        if ref in KNOWN_CONFIGS:
+            fields = dict(KNOWN_CONFIGS[ref])
+            return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        raise UserError(f"model.name_or_path: cannot read the config of '{ref}' (offline, and not a known base); "
+                        "download it once or give a local path") from None

@@ -1,0 +1,134 @@
+"""`hf-vram plan`, `--fit` and `hf-vram table`: the estimate of a recipe, printed, fitted to a card, tabulated."""
+
+from __future__ import annotations
+
+from hf_vram.recipe.load import LoadedRecipe, load_recipe
+from hf_vram.vram.estimate import GiB, Plan, count_parameters, estimate, resolve_config
+from hf_vram.vram.gpus import GPU
+
+OPTIMIZERS_8BIT = ("adamw_8bit", "paged_adamw_8bit")
+
+
+def dataset_size(loaded: LoadedRecipe) -> int | None:
+    """Training records of a recipe, without tokenizing: counted for builtin and local data, looked up for the
+    shipped recipes' Hub datasets; None when unknown (time is then given per step)."""
+    from pathlib import Path
+
+    from hf_vram.vram.known_configs import KNOWN_DATASET_SIZES
+
+    d = loaded.recipe.data
+    if d.source.startswith("builtin:") or Path(d.source).expanduser().is_file():
+        from data_prep.sources import read_records
+
+        n = len(read_records(d.source, d.format, d.split))
+    else:
+        n = KNOWN_DATASET_SIZES.get((d.source, d.split))
+        if n is None:
+            return None
+    if d.max_samples:
+        n = min(n, d.max_samples)
+    return n - (round(n * d.val_size) if d.val_size and not d.eval_split else 0)
+
+
+def plan_recipe(loaded: LoadedRecipe, gpu: GPU) -> Plan:
+    config = resolve_config(loaded)
+    return estimate(config, loaded.recipe, gpu, samples=dataset_size(loaded))
+
+
+def fit_overrides(loaded: LoadedRecipe, gpu: GPU) -> tuple[list[str], Plan]:
+    """The smallest change that makes the recipe fit: the largest micro-batch that fits (the global batch kept
+    through gradient accumulation), then gradient checkpointing, then an 8-bit paged optimizer. Returns the
+    overrides (empty when the recipe fits as it is, at its largest micro-batch) and the plan they give."""
+    recipe = loaded.recipe
+    config = resolve_config(loaded)
+    counts = count_parameters(config, recipe)
+    samples = dataset_size(loaded)
+    t = recipe.train
+    global_batch = t.micro_batch_size * t.grad_accum
+    micros = [m for m in range(global_batch, 0, -1) if global_batch % m == 0]
+    stages = [{}]
+    if not t.gradient_checkpointing:
+        stages.append({"gradient_checkpointing": True})
+    if t.optimizer not in OPTIMIZERS_8BIT:
+        stages.append({**stages[-1], "optimizer": "paged_adamw_8bit"})
+    last = None
+    for stage in stages:
+        for micro in micros:
+            change = {**stage, "micro_batch_size": micro, "grad_accum": global_batch // micro}
+            candidate = recipe.model_copy(update={"train": t.model_copy(update=change)})
+            last = estimate(config, candidate, gpu, samples=samples, counts=counts)
+            if last.fits:
+                return [f"train.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items() if getattr(t, k) != v], last
+    return [], last
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def format_plan(loaded: LoadedRecipe, plan: Plan) -> str:
+    r = loaded.recipe
+    kind = (f"{r.adapter.type}" + (f", {r.quant.bits}-bit {r.quant.type if r.quant.bits == 4 else 'int8'} base" if r.quant.bits else "")
+            if r.adapter.type != "none" else "full fine-tune" if r.model.name_or_path else f"{r.model.arch} from scratch")
+    s = plan.settings
+    lines = [
+        f"plan: {loaded.name} on {plan.gpu.name} ({plan.gpu.memory_gib:.0f} GiB)",
+        f"  {plan.params:,} parameters, {plan.trainable:,} trained ({kind}); micro-batch {s['micro_batch_size']} x "
+        f"{s['max_length']} tokens, accumulation {s['grad_accum']}, checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
+        f"{s['optimizer']}",
+    ]
+    width = max(len(i.name) for i in plan.items)
+    for i in plan.items:
+        lines.append(f"  {i.name:<{width}}  {gib(i.bytes):>10}  {i.note}")
+    spare = plan.usable - plan.total
+    verdict = f"fits, {gib(spare)} to spare" if plan.fits else f"does NOT fit: {gib(-spare)} over"
+    lines.append(f"  {'total':<{width}}  {gib(plan.total):>10}  of {gib(plan.usable)}: {verdict}")
+    rate = f"{plan.flops_per_token:.3g} FLOPs/token at {plan.mfu:.0%} MFU of {plan.gpu.bf16_tflops} TFLOPS bf16"
+    if plan.seconds:
+        lines.append(f"  time: {plan.steps:,} steps x {plan.tokens_per_step:,} tokens, {rate}: {_duration(plan.seconds)} "
+                     "(every sample counted at data.max_length: an upper bound unless packed)")
+    else:
+        per_step = plan.tokens_per_step * plan.flops_per_token / (plan.gpu.bf16_tflops * 1e12 * plan.mfu)
+        lines.append(f"  time: {per_step:.2f} s per step of {plan.tokens_per_step:,} tokens, {rate} (dataset size unknown)")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def table_rows(gpu: GPU) -> list[dict]:
+    """One row per shipped recipe: kind, parameters, predicted peak, whether it fits (and how, fitted), time."""
+    from hf_vram.recipe.load import shipped_recipes
+
+    rows = []
+    for name, path in shipped_recipes().items():
+        loaded = load_recipe(str(path))
+        r = loaded.recipe
+        plan = plan_recipe(loaded, gpu)
+        fitted = "" if plan.fits else " ".join(fit_overrides(loaded, gpu)[0]) or "no setting fits"
+        rows.append({
+            "recipe": name,
+            "kind": r.task + (f" {r.adapter.type}" if r.adapter.type != "none" else " full") + (f" {r.quant.bits}-bit" if r.quant.bits else ""),
+            "parameters": plan.params,
+            "predicted_peak_gib": round(plan.total / GiB, 2),
+            "fits": "yes" if plan.fits else ("with " + fitted if fitted != "no setting fits" else "no"),
+            "predicted_hours": round(plan.seconds / 3600, 2) if plan.seconds else None,
+        })
+    return rows
+
+
+def format_table(rows: list[dict], gpu: GPU) -> tuple[str, str]:
+    """(markdown, csv) of table_rows."""
+    import csv
+    import io
+
+    cols = list(rows[0])
+    md = [f"Shipped recipes on {gpu.name} (predicted by `hf-vram plan`)", "", "| " + " | ".join(cols) + " |",
+          "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in cols) + " |" for r in rows]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    writer.writerows(rows)
+    return "\n".join(md), buf.getvalue()

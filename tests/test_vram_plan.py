@@ -1,0 +1,112 @@
+"""`hf-vram plan`: predictions that can be computed by hand, no weights loaded, --fit, and the recipe table."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import pytest
+from transformers import LlamaConfig
+
+from hf_vram.errors import UserError
+from hf_vram.recipe.load import find_recipe, load_recipe, shipped_recipes
+from hf_vram.recipe.schema import Recipe
+from hf_vram.vram.estimate import GiB, count_parameters, estimate
+from hf_vram.vram.gpus import get_gpu
+from hf_vram.vram.plan import fit_overrides, plan_recipe, table_rows
+
+from .conftest import TINY_LLAMA, run_cli
+
+GPU = get_gpu("rtx4070")
+CONFIG = LlamaConfig(vocab_size=300, **TINY_LLAMA)  # hidden 64, intermediate 128, 2 layers, 2 heads
+
+
+def recipe(**sections) -> Recipe:
+    base = {"model": {"name_or_path": "/nowhere"}, "data": {"source": "builtin:arithmetic", "max_length": 64}}
+    return Recipe.model_validate({**base, **sections})
+
+
+def items(plan) -> dict[str, int]:
+    return {i.name: i.bytes for i in plan.items}
+
+
+def n_params(config) -> int:
+    h, i, layers, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    per_layer = 4 * h * h + 3 * h * i + 2 * h  # q k v o, gate up down, two norms
+    return layers * per_layer + 2 * v * h + h  # embeddings, untied lm_head, final norm
+
+
+def test_full_fine_tune_is_4_bytes_weights_4_gradients_8_adam():
+    n = n_params(CONFIG)
+    plan = estimate(CONFIG, recipe(train={"optimizer": "adamw_torch"}), GPU, compute_dtype="float32")
+    got = items(plan)
+    assert plan.params == n == count_parameters(CONFIG, recipe()).total
+    assert (got["weights"], got["gradients"], got["optimizer states"]) == (4 * n, 4 * n, 8 * n)
+
+
+def test_qlora_weights_adapter_and_8bit_states_by_hand():
+    r = recipe(quant={"bits": 4, "double_quant": True}, adapter={"type": "lora", "r": 8}, train={"optimizer": "paged_adamw_8bit"})
+    h, i, layers, v = 64, 128, 2, 300
+    linear = layers * (4 * h * h + 3 * h * i)
+    lora = layers * 8 * (4 * (h + h) + 2 * (h + i) + (i + h))  # q k v o, gate up, down
+    got = items(estimate(CONFIG, r, GPU, compute_dtype="bfloat16"))
+    other = 2 * v * h + (2 * layers + 1) * h  # embeddings, lm_head, norms: fp32 after prepare_model_for_kbit_training
+    assert got["weights"] == int(linear * 0.5 + linear / 64 * (1 + 4 / 256) + other * 4)
+    assert got["adapter"] == got["gradients"] == lora * 2  # bf16, as trl keeps a quantized model's adapter
+    assert got["optimizer states"] == int(lora * (2 + 8 / 256))
+    single = items(estimate(CONFIG, r.model_copy(update={"quant": r.quant.model_copy(update={"double_quant": False})}), GPU))
+    assert single["weights"] == int(linear * 0.5 + linear / 64 * 4 + other * 4)  # fp32 absmax per 64 weights
+
+
+def test_activations_follow_batch_sequence_and_checkpointing():
+    def act(**train):
+        return items(estimate(CONFIG, recipe(train=train, data={"source": "builtin:arithmetic", "max_length": 64}), GPU))["activations"]
+
+    assert act(micro_batch_size=8) == pytest.approx(2 * act(micro_batch_size=4), rel=1e-9)
+    assert act(micro_batch_size=4, gradient_checkpointing=True) < act(micro_batch_size=4)
+
+
+def test_plan_of_a_7b_recipe_loads_no_weights_and_is_quick():
+    loaded = load_recipe(str(find_recipe("llama7b-qlora-alpaca")))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.time()
+    plan = plan_recipe(loaded, GPU)
+    seconds = time.time() - start
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    assert plan.params > 6.7e9 and grown < 0.5 * GiB  # a 7B model in bf16 would be 13.5 GB
+    assert seconds < 5, seconds
+    assert plan.fits and 5 * GiB < plan.total < 10 * GiB
+
+
+def test_fit_makes_a_recipe_that_does_not_fit_fit():
+    too_big = ["train.micro_batch_size=16", "train.grad_accum=1", "train.gradient_checkpointing=false", "train.optimizer=adamw_torch"]
+    loaded = load_recipe(str(find_recipe("llama7b-qlora-alpaca")), too_big)
+    assert not plan_recipe(loaded, GPU).fits
+    changes, fitted = fit_overrides(loaded, GPU)
+    assert fitted.fits and changes
+    refit = plan_recipe(load_recipe(str(find_recipe("llama7b-qlora-alpaca")), [*too_big, *changes]), GPU)
+    assert refit.fits and refit.total == fitted.total
+    micro = int(next(c for c in changes if c.startswith("train.micro_batch_size=")).split("=")[1])
+    accum = int(next(c for c in changes if c.startswith("train.grad_accum=")).split("=")[1])
+    assert micro * accum == 16  # the global batch is kept
+
+
+def test_the_table_has_every_shipped_recipe():
+    rows = table_rows(GPU)
+    assert [r["recipe"] for r in rows] == list(shipped_recipes())
+    assert all(r["predicted_peak_gib"] > 0 and r["fits"] for r in rows)
+
+
+def test_plan_cli_prints_the_breakdown_and_verdict():
+    r = run_cli("plan", "llama7b-qlora-alpaca", "--gpu", "rtx3060")
+    assert r.returncode == 0, r.stderr
+    for line in ("weights", "adapter", "gradients", "optimizer states", "activations", "logits and loss", "CUDA context", "total"):
+        assert line in r.stdout
+    assert "RTX 3060 12 GB" in r.stdout and "fits" in r.stdout and "time:" in r.stdout
+    r = run_cli("plan", "llama7b-qlora-alpaca", "--gpu", "rtx407")
+    assert r.returncode == 2 and "did you mean 'rtx4070'" in r.stderr
+
+
+def test_unknown_gpu_is_a_user_error():
+    with pytest.raises(UserError, match="did you mean 'h100'"):
+        get_gpu("h10")
