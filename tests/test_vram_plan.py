@@ -110,3 +110,16 @@ def test_plan_cli_prints_the_breakdown_and_verdict():
 def test_unknown_gpu_is_a_user_error():
     with pytest.raises(UserError, match="did you mean 'h100'"):
         get_gpu("h10")
+
+
+def test_training_refuses_a_recipe_predicted_not_to_fit_or_fits_it_with_auto_fit():
+    from hf_vram.vram.plan import preflight
+
+    too_big = ["train.micro_batch_size=16", "train.grad_accum=1", "train.gradient_checkpointing=false", "train.optimizer=adamw_torch"]
+    loaded = load_recipe(str(find_recipe("llama7b-qlora-alpaca")), too_big)
+    with pytest.raises(UserError, match=r"predicted to need .* over the 12.00 GiB of RTX 4070 12 GB; it fits with: train\.micro_batch_size="):
+        preflight(loaded, GPU)
+    fitted = preflight(load_recipe(str(find_recipe("llama7b-qlora-alpaca")), [*too_big, "train.auto_fit=true"]), GPU)
+    t = fitted.recipe.train
+    assert t.micro_batch_size * t.grad_accum == 16 and plan_recipe(fitted, GPU).fits
+    assert preflight(load_recipe(str(find_recipe("llama7b-qlora-alpaca"))), GPU).recipe.train.micro_batch_size == 4  # fits: unchanged

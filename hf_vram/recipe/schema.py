@@ -168,6 +168,9 @@ class TrainSection(Section):
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
     # Compile the model with torch.compile.
     torch_compile: bool = False
+    # On a GPU the recipe is planned first (hf-vram plan); one predicted not to fit is refused, or, with auto_fit,
+    # changed until it fits (micro-batch with the global batch kept, then checkpointing, then an 8-bit optimizer).
+    auto_fit: bool = False
 
 
 class EvalSection(Section):

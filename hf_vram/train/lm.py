@@ -285,6 +285,10 @@ def train(loaded: LoadedRecipe) -> dict:
             flush=True,
         )
         return json.loads((loaded.output_dir / SUMMARY).read_text())
+    if torch.cuda.is_available():
+        from hf_vram.vram.plan import current_gpu, preflight
+
+        loaded = preflight(loaded, current_gpu())
     return fit(prepare(loaded))
 
 
