@@ -31,6 +31,9 @@ def test_scratch_run_learns_and_loads_with_pipeline(tmp_path):
     assert json.loads((out / "train_summary.json").read_text())["global_step"] == 30
     assert "library_name: transformers" in (out / "README.md").read_text()
     assert list(out.glob("runs/**/events.out.tfevents.*")), "TensorBoard logs are written by default"
+    # Memory per optimizer step (resident memory on CPU; allocated and reserved, now and peak, on CUDA).
+    memory = [json.loads(line) for line in (out / "memory.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in memory] == list(range(1, 31)) and all(m["cpu_rss_bytes"] > 0 for m in memory)
     # A stock pipeline loads the output and continues text in the style it learned.
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 2

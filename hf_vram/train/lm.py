@@ -31,6 +31,7 @@ from hf_vram.evaluate import scorable, score
 from hf_vram.recipe.load import LoadedRecipe, find_recipe, load_recipe
 from hf_vram.train.checkpoints import CommitCheckpoints, discard_incomplete, latest_complete
 from hf_vram.train.guard import GuardedDPOTrainer, GuardedSFTTrainer
+from hf_vram.train.memory import MemoryLog
 
 SUMMARY = "train_summary.json"
 # Held-out metrics kept in the summary (language modelling; DPO's preference metrics).
@@ -164,7 +165,7 @@ def prepare(loaded: LoadedRecipe) -> Run:
         train_dataset=prepared.train,
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
-        callbacks=[CommitCheckpoints(keep=recipe.train.save_total_limit)],
+        callbacks=[CommitCheckpoints(keep=recipe.train.save_total_limit), MemoryLog(out)],
         **({"peft_config": peft_config} if dpo else {}),
     )
     expose_bias_of_trainable_tokens(trainer.model)
