@@ -124,6 +124,10 @@ def _cmd_plan(args) -> int:
         else:
             print(f"--fit: {' '.join(changes)}")
             print(format_plan(load_recipe(args.recipe, [*args.overrides, *changes]), fitted))
+    if args.measure:
+        from hf_vram.vram.compare import measure_and_compare
+
+        print(measure_and_compare(loaded))
     return 0 if plan.fits or args.fit else 1
 
 
@@ -197,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key.path=value")
     s.add_argument("--gpu", default="rtx4070", help="rtx3060, rtx4070 (default), rtx4090, a100-40gb, a100-80gb, h100")
     s.add_argument("--fit", action="store_true", help="change micro-batch, checkpointing, optimizer until it fits")
+    s.add_argument("--measure", action="store_true", help="also measure one real step on the CPU beside the prediction")
     s.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("table", help="predicted memory, fit and time of every shipped recipe on a card")

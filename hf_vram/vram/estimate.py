@@ -54,11 +54,13 @@ class Plan:
     steps: int | None
     seconds: float | None
     mfu: float
+    step_peak: int = 0  # the training step's peak (what a measurement sees), without CUDA context and slack
+    peak: int = 0  # step_peak + CUDA context + allocator slack: what the card must hold
     notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return sum(i.bytes for i in self.items)
+        return self.peak
 
     @property
     def usable(self) -> int:
@@ -82,6 +84,8 @@ class Counts:
     other: int  # embeddings, lm_head, norms, biases
     trainable: int  # what the optimizer updates (adapter, or everything)
     total: int
+    # Trainable values in tensors under 4,096 elements: bitsandbytes' 8-bit optimizers keep those in fp32.
+    trainable_small: int = 0
 
 
 def count_parameters(config, recipe: Recipe) -> Counts:
@@ -95,21 +99,27 @@ def count_parameters(config, recipe: Recipe) -> Counts:
     head = model.get_output_embeddings()
     a = recipe.adapter
     targets = a.target_modules
-    block_linear = rows = adapter = 0
+    block_linear = rows = adapter = small = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
             block_linear += module.weight.numel()
             rows += module.out_features
             if a.type in ("lora", "dora", "rslora") and (targets == "all-linear" or name.rsplit(".", 1)[-1] in targets):
                 # LoRA A (r x in) and B (out x r); DoRA adds a magnitude per output.
-                adapter += a.r * (module.in_features + module.out_features) + (module.out_features if a.type == "dora" else 0)
+                shapes = [a.r * module.in_features, a.r * module.out_features] + ([module.out_features] if a.type == "dora" else [])
+                adapter += sum(shapes)
+                small += sum(n for n in shapes if n < 4096)
     if a.type == "llama-adapter":
         # peft's adaption prompt: prompt_length x hidden values and one gate per adapted layer.
         adapter = min(a.prompt_layers, config.num_hidden_layers) * (a.prompt_length * config.hidden_size + 1)
     # Tied embeddings are one tensor: parameters() yields it once.
     total = sum(p.numel() for p in model.parameters())
+    if a.type == "none":
+        small = sum(p.numel() for p in model.parameters() if p.numel() < 4096)
+    elif a.type == "llama-adapter":
+        small = adapter if a.prompt_length * config.hidden_size < 4096 else 0
     trainable = total if a.type == "none" else adapter
-    return Counts(block_linear, rows, total - block_linear, trainable, total + (adapter if a.type != "none" else 0))
+    return Counts(block_linear, rows, total - block_linear, trainable, total + (adapter if a.type != "none" else 0), small)
 
 
 def _layer_elements(config, recipe: Recipe) -> int:
@@ -163,10 +173,11 @@ def trainable_bytes(recipe: Recipe, compute_dtype: str) -> int:
     return _bytes(compute_dtype) if recipe.quant.bits else 4
 
 
-def optimizer_bytes(optimizer: str, n: int, param_bytes: int) -> tuple[int, str]:
+def optimizer_bytes(optimizer: str, n: int, param_bytes: int, small: int = 0) -> tuple[int, str]:
     if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
-        # Two 8-bit states plus an fp32 absmax per 256 values each.
-        return int(n * (2 + 2 * 4 / 256)), "AdamW, two 8-bit states" + (" (paged)" if optimizer.startswith("paged") else "")
+        # Two 8-bit states plus an fp32 absmax per 256 values each; tensors under 4,096 values keep fp32 states.
+        return int((n - small) * (2 + 2 * 4 / 256) + small * 8), "AdamW, two 8-bit states" + (
+            " (paged)" if optimizer.startswith("paged") else "")
     if optimizer == "paged_adamw_32bit":
         return n * 8, "AdamW, two fp32 states (paged)"
     # torch's AdamW keeps its two states in the parameter's dtype.
@@ -174,7 +185,7 @@ def optimizer_bytes(optimizer: str, n: int, param_bytes: int) -> tuple[int, str]
 
 
 def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", samples: int | None = None,
-             counts: Counts | None = None) -> Plan:
+             counts: Counts | None = None, fused_loss: bool | None = None) -> Plan:
     """The predicted peak of one training step, item by item, and the predicted time of the whole recipe."""
     t, d = recipe.train, recipe.data
     counts = counts or count_parameters(config, recipe)
@@ -192,31 +203,50 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     if recipe.adapter.type != "none":
         items.append(Item("adapter", trainable * pbytes, f"{recipe.adapter.type}: {trainable:,} parameters"))
     items.append(Item("gradients", trainable * pbytes, f"{pbytes} bytes per trainable parameter"))
-    opt, note = optimizer_bytes(t.optimizer, trainable, pbytes)
+    opt, note = optimizer_bytes(t.optimizer, trainable, pbytes, counts.trainable_small)
     items.append(Item("optimizer states", opt, note))
 
     per_layer = _layer_elements(config, recipe) * tokens * act + _attention_scores_bytes(config, recipe, seqs, seq, act)
+    # Backward holds the gradient of the hidden states beside the saved activations.
+    hidden_grads = 2 * h * tokens * act
     if t.gradient_checkpointing:
-        saved = layers * h * tokens * act + per_layer  # every layer's input, plus one layer recomputed in backward
+        checkpoints = layers * h * tokens * act  # every layer's input; one layer at a time is recomputed in backward
+        saved = checkpoints + per_layer + hidden_grads
         how = f"checkpointed: {layers} layer inputs + 1 layer recomputed"
     else:
-        saved = layers * per_layer
+        checkpoints = 0
+        saved = layers * per_layer + hidden_grads
         how = f"{layers} layers x {per_layer / 2**20:.0f} MiB"
-    # Backward holds the gradient of the hidden states beside the saved activations.
-    saved += 2 * h * tokens * act
     items.append(Item("activations", int(saved), f"{how}; {micro} x {seq} tokens" + (" x 2 (chosen, rejected)" if dpo else "")))
 
     vocab = config.vocab_size
     chunk = min(tokens, LOGPROB_CHUNK)
-    if dpo:
-        # trl's DPO computes full logits: the compute-dtype logits, their fp32 log-softmax and its gradient.
+    if fused_loss is None:
+        fused_loss = not dpo  # trl's SFTTrainer fuses the LM head into the loss; its DPOTrainer does not
+    if not fused_loss:
+        # Full logits: the logits, their fp32 log-softmax and its gradient (measured: 12 bytes per token and
+        # vocabulary entry in fp32 on the CPU).
         logits = tokens * vocab * (act + 4 + 4)
         lnote = f"{tokens} tokens x {vocab:,} vocabulary: logits, fp32 log-softmax and gradient"
     else:
         logits = chunk * vocab * 4 * 2
         lnote = f"trl's chunked log-probs: {chunk} tokens x {vocab:,} vocabulary in fp32, with softmax"
     items.append(Item("logits and loss", int(logits), lnote))
-    slack = int(ALLOCATOR_OVERHEAD * sum(i.bytes for i in items))
+    # The items are not all alive at once. Weights, adapter and optimizer states stay. Without checkpointing the
+    # peak comes as backward starts: every saved activation and the loss are alive, gradients barely begun; or at
+    # its end, with all gradients and the logits' gradient (2 of the loss's 3 copies). With checkpointing the loss
+    # is freed before layers are recomputed, which then run beside the gradients, and about half the loss's
+    # memory is still held when the gradients are complete. (Fitted to and checked against measured steps by
+    # bench/vram_accuracy.py.)
+    b = {i.name: i.bytes for i in items}
+    static = b["weights"] + b.get("adapter", 0) + b["optimizer states"]
+    grads = b["gradients"]
+    if t.gradient_checkpointing:
+        dynamic = max(checkpoints + logits, checkpoints + per_layer + hidden_grads + grads, checkpoints + grads + logits / 2)
+    else:
+        dynamic = max(saved + logits, grads + 2 * logits / 3)
+    step_peak = int(static + dynamic)
+    slack = int(ALLOCATOR_OVERHEAD * step_peak)
     items.append(Item("CUDA context + allocator", CUDA_CONTEXT + slack,
                       f"{CUDA_CONTEXT / GiB:.1f} GiB context, {ALLOCATOR_OVERHEAD:.0%} caching-allocator slack"))
 
@@ -228,7 +258,8 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     seconds = steps * step_tokens * fpt / (gpu.bf16_tflops * 1e12 * mfu) if steps else None
     settings = {k: getattr(t, k) for k in ("micro_batch_size", "grad_accum", "gradient_checkpointing", "optimizer")}
     settings["max_length"] = seq
-    return Plan(items, gpu, counts.total, trainable, settings, fpt, step_tokens, steps, seconds, mfu)
+    return Plan(items, gpu, counts.total, trainable, settings, fpt, step_tokens, steps, seconds, mfu,
+                step_peak=step_peak, peak=step_peak + CUDA_CONTEXT + slack)
 
 
 def flops_per_token(config, seq: int, recipe: Recipe) -> float:

@@ -82,7 +82,8 @@ def format_plan(loaded: LoadedRecipe, plan: Plan) -> str:
         lines.append(f"  {i.name:<{width}}  {gib(i.bytes):>10}  {i.note}")
     spare = plan.usable - plan.total
     verdict = f"fits, {gib(spare)} to spare" if plan.fits else f"does NOT fit: {gib(-spare)} over"
-    lines.append(f"  {'total':<{width}}  {gib(plan.total):>10}  of {gib(plan.usable)}: {verdict}")
+    lines.append(f"  {'peak':<{width}}  {gib(plan.total):>10}  of {gib(plan.usable)}: {verdict} (the items are not all "
+                 "alive at once: the peak comes at the start or the end of backward)")
     rate = f"{plan.flops_per_token:.3g} FLOPs/token at {plan.mfu:.0%} MFU of {plan.gpu.bf16_tflops} TFLOPS bf16"
     if plan.seconds:
         lines.append(f"  time: {plan.steps:,} steps x {plan.tokens_per_step:,} tokens, {rate}: {_duration(plan.seconds)} "

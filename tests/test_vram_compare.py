@@ -1,0 +1,45 @@
+"""The prediction against a measured step: within the tolerance bench/vram_accuracy.py reports (5%)."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import LlamaConfig, MistralConfig
+
+from hf_vram.recipe.schema import Recipe
+from hf_vram.vram.compare import compare
+
+from .conftest import run_cli, scratch_recipe, write_recipe
+
+CONFIGS = {
+    "llama": LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=8000),
+    "mistral-gqa": MistralConfig(hidden_size=256, intermediate_size=896, num_hidden_layers=4, num_attention_heads=8,
+                                 num_key_value_heads=2, vocab_size=8000),
+}
+SETTINGS = {
+    "full": {},
+    "full+ckpt": {"train": {"gradient_checkpointing": True}},
+    "qlora": {"quant": {"bits": 4}, "adapter": {"type": "lora", "r": 8, "dropout": 0.0}},
+}
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_prediction_matches_a_measured_step(family, setting):
+    s = SETTINGS[setting]
+    recipe = Recipe.model_validate({
+        "model": {"name_or_path": "/unused"}, "data": {"source": "builtin:arithmetic", "max_length": 128},
+        **{k: v for k, v in s.items() if k != "train"},
+        "train": {"micro_batch_size": 4, "optimizer": "adamw_torch", **s.get("train", {})},
+    })
+    c = compare(CONFIGS[family], recipe)
+    m, p = c["measured"], c["predicted"]
+    # The static parts are exact; the peak within 5%.
+    assert m["grads"] == p["gradients"] and m["optimizer"] == pytest.approx(p["optimizer states"], abs=2048)
+    assert abs(c["relative_error"]) < 0.05, c
+
+
+def test_plan_measure_prints_prediction_beside_measurement(tmp_path):
+    path = write_recipe(tmp_path, "tiny", scratch_recipe(tmp_path / "out"))
+    r = run_cli("plan", str(path), "--measure")
+    assert r.returncode == 0, r.stderr
+    assert "measured on the CPU (fp32, fake tensors" in r.stdout and "step peak" in r.stdout
