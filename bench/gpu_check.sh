@@ -20,3 +20,4 @@ for name in ("demo-base", "demo"):
 PY
 $PY bench/bench_train.py --steps 60
 $PY -m pytest -q -x tests/test_recipe_family.py tests/test_adapters.py tests/test_merge.py
+$PY bench/gpu_vram_check.py --out "$OUT/gpu_vram.md"   # predicted vs measured VRAM at real sizes, under 6 minutes

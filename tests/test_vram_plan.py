@@ -127,3 +127,14 @@ def test_training_refuses_a_recipe_predicted_not_to_fit_or_fits_it_with_auto_fit
     t = fitted.recipe.train
     assert t.micro_batch_size * t.grad_accum == 16 and plan_recipe(fitted, GPU).fits
     assert preflight(load_recipe(str(find_recipe("llama7b-qlora-alpaca"))), GPU).recipe.train.micro_batch_size == 4  # fits: unchanged
+
+
+def test_gpu_vram_check_script_predicts_its_cases_without_a_gpu():
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    r = subprocess.run([sys.executable, "bench/gpu_vram_check.py", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "llama-7b qlora" in r.stdout and "GiB" in r.stdout

@@ -232,6 +232,12 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
         logits = chunk * vocab * 4 * 2
         lnote = f"trl's chunked log-probs: {chunk} tokens x {vocab:,} vocabulary in fp32, with softmax"
     items.append(Item("logits and loss", int(logits), lnote))
+    cast = 0
+    if recipe.adapter.type == "none" and act == 2:
+        # Mixed precision keeps fp32 weights; autocast makes a bf16 copy of each matmul weight, which the matmul
+        # saves for backward, so the copies live from forward to backward.
+        cast = (counts.block_linear + (vocab * h if not getattr(config, "tie_word_embeddings", False) else 0)) * 2
+        items.append(Item("autocast weight copies", cast, "a bf16 copy of every matmul weight, forward to backward"))
     # The items are not all alive at once. Weights, adapter and optimizer states stay. Without checkpointing the
     # peak comes as backward starts: every saved activation and the loss are alive, gradients barely begun; or at
     # its end, with all gradients and the logits' gradient (2 of the loss's 3 copies). With checkpointing the loss
@@ -241,6 +247,7 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     b = {i.name: i.bytes for i in items}
     static = b["weights"] + b.get("adapter", 0) + b["optimizer states"]
     grads = b["gradients"]
+    static += cast
     if t.gradient_checkpointing:
         dynamic = max(checkpoints + logits, checkpoints + per_layer + hidden_grads + grads, checkpoints + grads + logits / 2)
     else:
