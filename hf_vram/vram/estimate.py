@@ -33,6 +33,8 @@ LOGPROB_CHUNK = 32768
 # Model FLOPs utilisation assumed for time: dense bf16 training reaches 35-45% on one card; bitsandbytes'
 # dequantization in every 4-bit matmul costs about a third of that.
 MFU = {"full": 0.40, "adapter": 0.35, "qlora": 0.25}
+# Model families whose activation count bench/vram_accuracy.py checks against measured steps.
+CHECKED_FAMILIES = ("llama", "mistral", "qwen2")
 
 
 @dataclass
@@ -265,8 +267,12 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     seconds = steps * step_tokens * fpt / (gpu.bf16_tflops * 1e12 * mfu) if steps else None
     settings = {k: getattr(t, k) for k in ("micro_batch_size", "grad_accum", "gradient_checkpointing", "optimizer")}
     settings["max_length"] = seq
+    notes = []
+    if config.model_type not in CHECKED_FAMILIES:
+        notes.append(f"{config.model_type}: activations are counted as for a Llama block; bench/vram_accuracy.py has "
+                     f"checked {', '.join(CHECKED_FAMILIES)} only")
     return Plan(items, gpu, counts.total, trainable, settings, fpt, step_tokens, steps, seconds, mfu,
-                step_peak=step_peak, peak=step_peak + CUDA_CONTEXT + slack)
+                step_peak=step_peak, peak=step_peak + CUDA_CONTEXT + slack, notes=notes)
 
 
 def flops_per_token(config, seq: int, recipe: Recipe) -> float:

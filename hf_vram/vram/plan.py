@@ -84,6 +84,7 @@ def format_plan(loaded: LoadedRecipe, plan: Plan) -> str:
     verdict = f"fits, {gib(spare)} to spare" if plan.fits else f"does NOT fit: {gib(-spare)} over"
     lines.append(f"  {'peak':<{width}}  {gib(plan.total):>10}  of {gib(plan.usable)}: {verdict} (the items are not all "
                  "alive at once: the peak comes at the start or the end of backward)")
+    lines += [f"  note: {n}" for n in plan.notes]
     rate = f"{plan.flops_per_token:.3g} FLOPs/token at {plan.mfu:.0%} MFU of {plan.gpu.bf16_tflops} TFLOPS bf16"
     if plan.seconds:
         lines.append(f"  time: {plan.steps:,} steps x {plan.tokens_per_step:,} tokens, {rate}: {_duration(plan.seconds)} "
