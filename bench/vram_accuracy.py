@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from transformers import LlamaConfig, MistralConfig  # noqa: E402
+from transformers import GPT2Config, LlamaConfig, MistralConfig  # noqa: E402
 
 from hf_vram.recipe.schema import Recipe  # noqa: E402
 from hf_vram.vram.compare import compare  # noqa: E402
@@ -27,6 +27,10 @@ SIZES = {
                            num_key_value_heads=8, vocab_size=16000),
     "mistral-gqa-m": MistralConfig(hidden_size=512, intermediate_size=1792, num_hidden_layers=6, num_attention_heads=8,
                                    num_key_value_heads=2, vocab_size=16000),
+    "gpt2-s (dropout 0.1)": GPT2Config(n_embd=256, n_layer=4, n_head=8, vocab_size=8000, n_positions=256, bos_token_id=0,
+                                       eos_token_id=0),
+    "gpt2-m (no dropout)": GPT2Config(n_embd=512, n_layer=6, n_head=8, vocab_size=16000, n_positions=256, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
 }
 SETTINGS = {
     "full": {},
@@ -35,7 +39,7 @@ SETTINGS = {
     "qlora": {"quant": {"bits": 4}, "adapter": {"type": "lora", "r": 8, "dropout": 0.0}},
     "qlora+ckpt": {"quant": {"bits": 4}, "adapter": {"type": "lora", "r": 8, "dropout": 0.0}, "train": {"gradient_checkpointing": True}},
 }
-NOT_MODELLED = ["gpt2 (fused qkv, learned positions)", "mamba / mamba2 (state-space blocks)", "mixtral (experts)"]
+NOT_MODELLED = ["mamba / mamba2 (state-space blocks)", "rwkv", "mixtral (experts)"]
 
 
 def recipe(setting: dict) -> Recipe:
@@ -48,14 +52,15 @@ def main() -> int:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    print(f"{'model':<15} {'setting':<11} {'predicted MiB':>13} {'measured MiB':>12} {'error':>7}")
+    logging.set_verbosity_error()
+    print(f"{'model':<21} {'setting':<11} {'predicted MiB':>13} {'measured MiB':>12} {'error':>7}")
     worst = 0.0
     for name, config in SIZES.items():
         for label, setting in SETTINGS.items():
             start = time.time()
             c = compare(config, recipe(setting))
             worst = max(worst, abs(c["relative_error"]))
-            print(f"{name:<15} {label:<11} {c['predicted_peak'] / 2**20:>13.1f} {c['measured_peak'] / 2**20:>12.1f} "
+            print(f"{name:<21} {label:<11} {c['predicted_peak'] / 2**20:>13.1f} {c['measured_peak'] / 2**20:>12.1f} "
                   f"{c['relative_error']:>+7.1%}  ({time.time() - start:.1f} s)", flush=True)
     print(f"worst relative error: {worst:.1%}")
     print("not modelled yet (no prediction is claimed for them): " + ", ".join(NOT_MODELLED))

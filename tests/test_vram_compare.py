@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from transformers import LlamaConfig, MistralConfig
+from transformers import GPT2Config, LlamaConfig, MistralConfig
 
 from hf_vram.recipe.schema import Recipe
 from hf_vram.vram.compare import compare
@@ -14,6 +14,7 @@ CONFIGS = {
     "llama": LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=8000),
     "mistral-gqa": MistralConfig(hidden_size=256, intermediate_size=896, num_hidden_layers=4, num_attention_heads=8,
                                  num_key_value_heads=2, vocab_size=8000),
+    "gpt2": GPT2Config(n_embd=256, n_layer=4, n_head=8, vocab_size=8000, n_positions=256, bos_token_id=0, eos_token_id=0),
 }
 SETTINGS = {
     "full": {},

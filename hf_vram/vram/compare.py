@@ -92,7 +92,7 @@ def predicted_for_cpu(config, recipe: Recipe) -> Plan:
     """The estimate at the settings of a CPU measurement: fp32 compute; 8-bit optimizers only when measured real."""
     if recipe.quant.bits is None and recipe.train.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"optimizer": "adamw_torch"})})
-    return estimate(config, recipe, CPU, compute_dtype="float32", fused_loss=False)
+    return estimate(config, recipe, CPU, compute_dtype="float32", fused_loss=False, math_attention=True)
 
 
 def compare(config, recipe: Recipe) -> dict:

@@ -34,7 +34,7 @@ LOGPROB_CHUNK = 32768
 # dequantization in every 4-bit matmul costs about a third of that.
 MFU = {"full": 0.40, "adapter": 0.35, "qlora": 0.25}
 # Model families whose activation count bench/vram_accuracy.py checks against measured steps.
-CHECKED_FAMILIES = ("llama", "mistral", "qwen2")
+CHECKED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 
 
 @dataclass
@@ -102,8 +102,12 @@ def count_parameters(config, recipe: Recipe) -> Counts:
     a = recipe.adapter
     targets = a.target_modules
     block_linear = rows = adapter = small = 0
+    from transformers.pytorch_utils import Conv1D
+
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not head:
+        if isinstance(module, Conv1D):  # GPT-2's linear layers, stored transposed; bitsandbytes quantizes them too
+            module.in_features, module.out_features = module.weight.shape
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
             block_linear += module.weight.numel()
             rows += module.out_features
             if a.type in ("lora", "dora", "rslora") and (targets == "all-linear" or name.rsplit(".", 1)[-1] in targets):
@@ -125,8 +129,13 @@ def count_parameters(config, recipe: Recipe) -> Counts:
 
 
 def _layer_elements(config, recipe: Recipe) -> int:
-    """Activation elements one decoder layer keeps for backward, per token (Llama / Mistral / Qwen2 blocks)."""
+    """Activation elements one decoder layer keeps for backward, per token (Llama / Mistral / Qwen2 blocks;
+    GPT-2's block measured)."""
     h = config.hidden_size
+    if config.model_type == "gpt2":
+        # ln_1 in/out, c_attn's q k v, the merged attention output, c_proj, ln_2 in/out, c_fc, gelu in/out: 30 h
+        # measured per token (bench/vram_accuracy.py); residual dropout adds outputs and masks (1.5 h measured).
+        return 30 * h + (3 * h // 2 if config.resid_pdrop > 0 else 0)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = getattr(config, "num_key_value_heads", heads) * head_dim
@@ -140,11 +149,15 @@ def _layer_elements(config, recipe: Recipe) -> int:
     return elements
 
 
-def _attention_scores_bytes(config, recipe: Recipe, micro: int, seq: int, act: int) -> int:
-    """Eager attention keeps the scores and probabilities (heads x seq x seq); sdpa and flash attention do not."""
-    if recipe.model.attn_implementation != "eager":
-        return 0
-    return 2 * config.num_attention_heads * seq * seq * micro * act
+def _attention_scores_bytes(config, recipe: Recipe, micro: int, seq: int, act: int, math_attention: bool = False) -> int:
+    """Eager attention keeps the scores and probabilities (heads x seq x seq); sdpa and flash attention do not,
+    except sdpa's math kernel (its CPU path) under attention dropout: the probabilities, dropped ones and mask."""
+    heads = config.num_attention_heads
+    if recipe.model.attn_implementation == "eager":
+        return 2 * heads * seq * seq * micro * act
+    if math_attention and getattr(config, "attn_pdrop", getattr(config, "attention_dropout", 0.0)) > 0:
+        return int(heads * seq * seq * micro * (2 * act + 1))
+    return 0
 
 
 def weights_item(counts: Counts, recipe: Recipe, compute_dtype: str) -> Item:
@@ -187,7 +200,7 @@ def optimizer_bytes(optimizer: str, n: int, param_bytes: int, small: int = 0) ->
 
 
 def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", samples: int | None = None,
-             counts: Counts | None = None, fused_loss: bool | None = None) -> Plan:
+             counts: Counts | None = None, fused_loss: bool | None = None, math_attention: bool = False) -> Plan:
     """The predicted peak of one training step, item by item, and the predicted time of the whole recipe."""
     t, d = recipe.train, recipe.data
     counts = counts or count_parameters(config, recipe)
@@ -208,7 +221,7 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     opt, note = optimizer_bytes(t.optimizer, trainable, pbytes, counts.trainable_small)
     items.append(Item("optimizer states", opt, note))
 
-    per_layer = _layer_elements(config, recipe) * tokens * act + _attention_scores_bytes(config, recipe, seqs, seq, act)
+    per_layer = _layer_elements(config, recipe) * tokens * act + _attention_scores_bytes(config, recipe, seqs, seq, act, math_attention)
     # Backward holds the gradient of the hidden states beside the saved activations.
     hidden_grads = 2 * h * tokens * act
     if t.gradient_checkpointing:
