@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from transformers import GPT2Config, LlamaConfig, MistralConfig  # noqa: E402
+from transformers import GPT2Config, LlamaConfig, MistralConfig, MixtralConfig  # noqa: E402
 
 from hf_vram.recipe.schema import Recipe  # noqa: E402
 from hf_vram.vram.compare import compare  # noqa: E402
@@ -31,6 +31,10 @@ SIZES = {
                                        eos_token_id=0),
     "gpt2-m (no dropout)": GPT2Config(n_embd=512, n_layer=6, n_head=8, vocab_size=16000, n_positions=256, resid_pdrop=0.0,
                                       embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
+    "mixtral-s (4 experts)": MixtralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=8000),
+    "mixtral-m (8 experts)": MixtralConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                                           num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=8000),
 }
 SETTINGS = {
     "full": {},
@@ -39,7 +43,10 @@ SETTINGS = {
     "qlora": {"quant": {"bits": 4}, "adapter": {"type": "lora", "r": 8, "dropout": 0.0}},
     "qlora+ckpt": {"quant": {"bits": 4}, "adapter": {"type": "lora", "r": 8, "dropout": 0.0}, "train": {"gradient_checkpointing": True}},
 }
-NOT_MODELLED = ["mamba / mamba2 (state-space blocks)", "rwkv", "mixtral (experts)"]
+# Adapters on Mixtral measured 15-35% above the prediction (frozen grouped-expert weights make copies in
+# backward that the estimate does not count yet): only its full fine-tunes are claimed.
+FULL_ONLY = {"mixtral-s (4 experts)", "mixtral-m (8 experts)"}
+NOT_MODELLED = ["mamba / mamba2 (state-space blocks)", "rwkv", "mixtral with adapters"]
 
 
 def recipe(setting: dict) -> Recipe:
@@ -57,6 +64,8 @@ def main() -> int:
     worst = 0.0
     for name, config in SIZES.items():
         for label, setting in SETTINGS.items():
+            if name in FULL_ONLY and "adapter" in setting:
+                continue
             start = time.time()
             c = compare(config, recipe(setting))
             worst = max(worst, abs(c["relative_error"]))

@@ -68,7 +68,9 @@ def measure(config, recipe: Recipe, fake: bool | None = None) -> Measured:
 
     # peft cannot wrap layers on fake tensors (it swaps parameters that carry weak references), and bitsandbytes
     # cannot quantize them: adapters are measured on real tensors, at a size that fits in RAM.
-    fake = recipe.adapter.type == "none" if fake is None else fake
+    # Mixture-of-experts layers run grouped matmuls that fake tensors do not support in fp32: real tensors too.
+    if fake is None:
+        fake = recipe.adapter.type == "none" and not getattr(config, "num_local_experts", None)
     t, d = recipe.train, recipe.data
     from contextlib import nullcontext
 

@@ -34,7 +34,7 @@ LOGPROB_CHUNK = 32768
 # dequantization in every 4-bit matmul costs about a third of that.
 MFU = {"full": 0.40, "adapter": 0.35, "qlora": 0.25}
 # Model families whose activation count bench/vram_accuracy.py checks against measured steps.
-CHECKED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+CHECKED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "mixtral")
 
 
 @dataclass
@@ -143,6 +143,12 @@ def _layer_elements(config, recipe: Recipe) -> int:
     # input (residual), norm output, q, k, v, rotated q and k, attention output, residual into the second norm,
     # its output; gate, up, act(gate), act(gate) * up.
     elements = 7 * h + 3 * kv + 4 * i
+    experts = getattr(config, "num_local_experts", None)
+    if experts:
+        # Mixture of experts: each token runs through top-k experts (k MLPs' activations), plus the router's
+        # logits and the tokens gathered and scattered per expert (measured).
+        k = config.num_experts_per_tok
+        elements += 4 * i * (k - 1) + 2 * h * k + experts
     if recipe.adapter.type in ("lora", "dora", "rslora") and recipe.adapter.dropout > 0:
         # LoRA dropout makes a copy of each adapted layer's input: q, k, v, o, gate, up (h each) and down (i).
         elements += 6 * h + i
@@ -281,6 +287,9 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     settings = {k: getattr(t, k) for k in ("micro_batch_size", "grad_accum", "gradient_checkpointing", "optimizer")}
     settings["max_length"] = seq
     notes = []
+    if getattr(config, "num_local_experts", None) and recipe.adapter.type != "none":
+        notes.append("mixture of experts with an adapter: measured 15-35% above this estimate (frozen expert weights "
+                     "are copied in backward); only full fine-tunes of MoE models are checked")
     if config.model_type not in CHECKED_FAMILIES:
         notes.append(f"{config.model_type}: activations are counted as for a Llama block; bench/vram_accuracy.py has "
                      f"checked {', '.join(CHECKED_FAMILIES)} only")
