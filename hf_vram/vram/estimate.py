@@ -136,7 +136,7 @@ def _layer_elements(config, recipe: Recipe) -> int:
         # ln_1 in/out, c_attn's q k v, the merged attention output, c_proj, ln_2 in/out, c_fc, gelu in/out: 30 h
         # measured per token (bench/vram_accuracy.py); residual dropout adds outputs and masks (1.5 h measured).
         return 30 * h + (3 * h // 2 if config.resid_pdrop > 0 else 0)
-    heads = config.num_attention_heads
+    heads = getattr(config, "num_attention_heads", None) or 1  # attention-free blocks (Mamba, RWKV): no score term
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = getattr(config, "num_key_value_heads", heads) * head_dim
     i = getattr(config, "intermediate_size", 4 * h)
@@ -158,7 +158,7 @@ def _layer_elements(config, recipe: Recipe) -> int:
 def _attention_scores_bytes(config, recipe: Recipe, micro: int, seq: int, act: int, math_attention: bool = False) -> int:
     """Eager attention keeps the scores and probabilities (heads x seq x seq); sdpa and flash attention do not,
     except sdpa's math kernel (its CPU path) under attention dropout: the probabilities, dropped ones and mask."""
-    heads = config.num_attention_heads
+    heads = getattr(config, "num_attention_heads", None) or 1  # attention-free blocks (Mamba, RWKV): no score term
     if recipe.model.attn_implementation == "eager":
         return 2 * heads * seq * seq * micro * act
     if math_attention and getattr(config, "attn_pdrop", getattr(config, "attention_dropout", 0.0)) > 0:
@@ -278,7 +278,7 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     items.append(Item("CUDA context + allocator", CUDA_CONTEXT + slack,
                       f"{CUDA_CONTEXT / GiB:.1f} GiB context, {ALLOCATOR_OVERHEAD:.0%} caching-allocator slack"))
 
-    fpt = flops_per_token(config, seq, recipe)
+    fpt = flops_per_token(config, seq, recipe, counts.total)
     steps = t.max_steps or (math.ceil(t.epochs * samples / (micro * t.grad_accum)) if samples else None)
     kind = "full" if recipe.adapter.type == "none" else ("qlora" if recipe.quant.bits else "adapter")
     mfu = MFU[kind]
@@ -297,18 +297,20 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
                 step_peak=step_peak, peak=step_peak + CUDA_CONTEXT + slack, notes=notes)
 
 
-def flops_per_token(config, seq: int, recipe: Recipe) -> float:
+def flops_per_token(config, seq: int, recipe: Recipe, n_params: int | None = None) -> float:
     """Training FLOPs per token: 6 per weight of every matmul (forward 2, backward 4) plus attention scores
     (12 x layers x hidden x seq, causal masking not discounted), as in nanoGPT and trl's compute_flops_per_token.
     A frozen base skips its weight gradients (4 per weight instead of 6); checkpointing runs the forward twice."""
     h, layers = config.hidden_size, config.num_hidden_layers
-    heads = config.num_attention_heads
+    heads = getattr(config, "num_attention_heads", None) or 1  # attention-free blocks (Mamba, RWKV): no score term
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = getattr(config, "num_key_value_heads", heads) * head_dim
     i = getattr(config, "intermediate_size", None) or 4 * h
     experts = getattr(config, "num_experts_per_tok", None) or 1
     matmul = layers * (h * (heads * head_dim + 2 * kv) + heads * head_dim * h + 3 * h * i * experts) + config.vocab_size * h
     f = 6.0 * matmul + 12.0 * layers * heads * head_dim * seq
+    if getattr(config, "num_attention_heads", None) is None and n_params:
+        f = 6.0 * n_params  # attention-free blocks (Mamba, RWKV): 6N, the scan's own FLOPs left out
     if recipe.adapter.type != "none":
         f *= 2 / 3
     if recipe.train.gradient_checkpointing:
