@@ -287,9 +287,14 @@ def train(loaded: LoadedRecipe) -> dict:
         )
         return json.loads((loaded.output_dir / SUMMARY).read_text())
     if torch.cuda.is_available():
+        from hf_vram.vram.estimate import ConfigUnavailable
         from hf_vram.vram.plan import current_gpu, preflight
 
-        loaded = preflight(loaded, current_gpu())
+        try:
+            loaded = preflight(loaded, current_gpu())
+        except ConfigUnavailable as e:
+            # Loading the model will say what is wrong with its name; the plan alone must not stop the run.
+            print(f"[hf-vram] not planned: {e}", flush=True)
     return fit(prepare(loaded))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from hf_vram.errors import UserError
 from hf_vram.recipe.load import LoadedRecipe
 from hf_vram.recipe.schema import Recipe
 from hf_vram.vram.gpus import GPU
@@ -318,12 +319,15 @@ def flops_per_token(config, seq: int, recipe: Recipe, n_params: int | None = Non
     return f
 
 
+class ConfigUnavailable(UserError):
+    """The model's config cannot be read (offline, not a known base): nothing can be planned."""
+
+
 def resolve_config(loaded: LoadedRecipe):
     """The model config of a recipe, with no weights: from the local output or Hub (config.json only), from the
     recipe itself for a model built from scratch, or from hf-vram's table of known bases when offline."""
     from transformers import AutoConfig
 
-    from hf_vram.errors import UserError
     from hf_vram.vram.known_configs import KNOWN_CONFIGS
 
     r = loaded.recipe
@@ -346,5 +350,5 @@ def resolve_config(loaded: LoadedRecipe):
         if ref in KNOWN_CONFIGS:
             fields = dict(KNOWN_CONFIGS[ref])
             return AutoConfig.for_model(fields.pop("model_type"), **fields)
-        raise UserError(f"model.name_or_path: cannot read the config of '{ref}' (offline, and not a known base); "
-                        "download it once or give a local path") from None
+        raise ConfigUnavailable(f"model.name_or_path: cannot read the config of '{ref}' (offline, and not a known base); "
+                                "download it once or give a local path") from None
