@@ -3,9 +3,9 @@ hf_vram.vram.estimate predicts for the same settings on the CPU (fp32 compute, n
 the model's own (full logits): trl's fused LM head takes a Triton path on GPUs that the CPU cannot show, so its
 cost is checked by the GPU script instead.
 
-Models without bitsandbytes layers are measured at full size on fake tensors (shapes only, no memory); 4-bit
-and 8-bit bases cannot be built on fake tensors, so they are measured for real, which needs a size that fits
-in RAM (shrink the recipe by override, e.g. model.name_or_path=a small local model).
+Full fine-tunes are measured at full size on fake tensors (shapes only, no memory). Adapters (peft cannot wrap
+fake layers), 4-bit and 8-bit bases (bitsandbytes cannot quantize them) and mixtures of experts are measured on
+real tensors, which needs a size that fits in RAM (shrink the recipe by override).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ MEASURABLE = ("weights", "adapter", "gradients", "optimizer states", "activation
 CPU = GPU("CPU (fp32 compute)", 1e9, 1.0)
 
 
-def _build(config, recipe: Recipe, fake: bool):
+def _build(config, recipe: Recipe):
     from transformers import AutoModelForCausalLM
 
     if recipe.quant.bits:
@@ -75,7 +75,7 @@ def measure(config, recipe: Recipe, fake: bool | None = None) -> Measured:
     from contextlib import nullcontext
 
     with FakeTensorMode() if fake else nullcontext():
-        model = _build(config, recipe, fake=fake)
+        model = _build(config, recipe)
         ids = torch.randint(0, config.vocab_size, (t.micro_batch_size, d.max_length))
     params = [p for p in model.parameters() if p.requires_grad]
     if t.optimizer in ("adamw_8bit", "paged_adamw_8bit") and not fake:
