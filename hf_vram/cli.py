@@ -73,6 +73,14 @@ def _cmd_train(args) -> int:
     from hf_vram.train.lm import train
 
     train(loaded)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # Every rank waits for the main one to finish writing the output, then the group is taken down before the
+        # interpreter exits: a rank that exits with gloo's threads still running aborts ("terminate called
+        # without an active exception"), and torchrun then kills the others.
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
