@@ -1,7 +1,7 @@
 """Predict a recipe's peak training memory on a GPU, and its training time, from its config alone.
 
-No weights are loaded: the model is built on the meta device (shapes only) and wrapped in the recipe's peft
-adapter there, which gives exact parameter counts per kind of tensor. Bytes then follow from how each library
+No weights are loaded: the model is built on the meta device (shapes only), which gives exact parameter counts
+per kind of tensor; adapter sizes follow peft's layer shapes. Bytes then follow from how each library
 stores them in training (written here because no library predicts this; accelerate's estimate-memory counts
 weights and Adam states only):
 - bitsandbytes NF4/FP4: 0.5 byte per weight of every Linear in the blocks, plus one absmax per 64 weights
@@ -9,9 +9,13 @@ weights and Adam states only):
   prepare_model_for_kbit_training casts everything else (embeddings, norms, lm_head) to fp32.
 - LoRA on a quantized base: trl keeps the adapter in bf16; on an unquantized base peft upcasts it to fp32.
 - Full fine-tune: fp32 weights, gradients and AdamW states (mixed precision computes in bf16).
-- Activations per layer and token of a Llama-style block, counted tensor by tensor (see _layer_elements), in
-  the compute dtype; gradient checkpointing keeps only each layer's input plus one layer recomputed.
-- Loss: trl computes log-probabilities in chunks of up to 32,768 tokens with the logits in fp32.
+- Activations per layer and token, counted tensor by tensor for Llama-style blocks and measured for GPT-2 and
+  Mixtral (see _layer_elements), in the compute dtype; gradient checkpointing keeps each layer's input plus
+  one layer recomputed.
+- Loss: trl's SFT computes log-probabilities in chunks of up to 32,768 tokens with the logits in fp32; DPO
+  (and a measurement with the model's own loss) keeps the full logits.
+- The peak is placed in time (see the end of estimate()), not summed, and checked against measured steps by
+  bench/vram_accuracy.py.
 """
 
 from __future__ import annotations
