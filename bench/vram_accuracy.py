@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from transformers import GPT2Config, LlamaConfig, MistralConfig, MixtralConfig  # noqa: E402
+from transformers import GPT2Config, LlamaConfig, MambaConfig, MistralConfig, MixtralConfig  # noqa: E402
 
 from hf_vram.recipe.schema import Recipe  # noqa: E402
 from hf_vram.vram.compare import compare  # noqa: E402
@@ -35,6 +35,8 @@ SIZES = {
                                            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=8000),
     "mixtral-m (8 experts)": MixtralConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                                            num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=8000),
+    "mamba-s": MambaConfig(hidden_size=256, num_hidden_layers=4, state_size=16, vocab_size=8000),
+    "mamba-m": MambaConfig(hidden_size=512, num_hidden_layers=4, state_size=16, vocab_size=8000),
 }
 SETTINGS = {
     "full": {},
@@ -46,11 +48,14 @@ SETTINGS = {
 # Adapters on Mixtral measured 15-35% above the prediction (frozen grouped-expert weights make copies in
 # backward that the estimate does not count yet): only its full fine-tunes are claimed.
 FULL_ONLY = {"mixtral-s (4 experts)", "mixtral-m (8 experts)"}
-NOT_MODELLED = ["mamba / mamba2 (state-space blocks)", "rwkv", "mixtral with adapters"]
+# Mamba (its pure-torch scan) is modelled without checkpointing and without adapters only.
+PLAIN_ONLY = {"mamba-s", "mamba-m"}
+NOT_MODELLED = ["mamba2", "rwkv", "mixtral with adapters", "mamba with checkpointing or adapters"]
 
 
-def recipe(setting: dict) -> Recipe:
-    base = {"model": {"name_or_path": "/unused"}, "data": {"source": "builtin:arithmetic", "max_length": 128}}
+def recipe(setting: dict, attention: str = "sdpa") -> Recipe:
+    base = {"model": {"name_or_path": "/unused", "attn_implementation": attention},
+            "data": {"source": "builtin:arithmetic", "max_length": 128}}
     train = {"micro_batch_size": 4, "optimizer": "adamw_torch", **setting.get("train", {})}
     return Recipe.model_validate({**base, **{k: v for k, v in setting.items() if k != "train"}, "train": train})
 
@@ -64,10 +69,11 @@ def main() -> int:
     worst = 0.0
     for name, config in SIZES.items():
         for label, setting in SETTINGS.items():
-            if name in FULL_ONLY and "adapter" in setting:
+            if name in FULL_ONLY and "adapter" in setting or name in PLAIN_ONLY and label != "full":
                 continue
             start = time.time()
-            c = compare(config, recipe(setting))
+            # Attention-free models refuse an attention implementation other than eager (which they ignore).
+            c = compare(config, recipe(setting, "eager" if name in PLAIN_ONLY else "sdpa"))
             worst = max(worst, abs(c["relative_error"]))
             print(f"{name:<21} {label:<11} {c['predicted_peak'] / 2**20:>13.1f} {c['measured_peak'] / 2**20:>12.1f} "
                   f"{c['relative_error']:>+7.1%}  ({time.time() - start:.1f} s)", flush=True)

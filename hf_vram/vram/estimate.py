@@ -39,7 +39,7 @@ LOGPROB_CHUNK = 32768
 # dequantization in every 4-bit matmul costs about a third of that.
 MFU = {"full": 0.40, "adapter": 0.35, "qlora": 0.25}
 # Model families whose activation count bench/vram_accuracy.py checks against measured steps.
-CHECKED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "mixtral")
+CHECKED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "mixtral", "mamba")
 
 
 @dataclass
@@ -137,6 +137,10 @@ def _layer_elements(config, recipe: Recipe) -> int:
     """Activation elements one decoder layer keeps for backward, per token (Llama / Mistral / Qwen2 blocks;
     GPT-2's block measured)."""
     h = config.hidden_size
+    if config.model_type == "mamba":
+        # The selective scan's pure-torch path keeps (inner x state) tensors per token: the discretized A and B*u
+        # and the scan states, about 4 x inner x state elements (measured), which dwarf the projections.
+        return 4 * config.intermediate_size * config.state_size
     if config.model_type == "gpt2":
         # ln_1 in/out, c_attn's q k v, the merged attention output, c_proj, ln_2 in/out, c_fc, gelu in/out: 30 h
         # measured per token (bench/vram_accuracy.py); residual dropout adds outputs and masks (1.5 h measured).
@@ -295,6 +299,9 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     if getattr(config, "num_local_experts", None) and recipe.adapter.type != "none":
         notes.append("mixture of experts with an adapter: measured 15-35% above this estimate (frozen expert weights "
                      "are copied in backward); only full fine-tunes of MoE models are checked")
+    if config.model_type == "mamba" and t.gradient_checkpointing:
+        notes.append("mamba with gradient checkpointing: measured 25-30% above this estimate; only runs without it "
+                     "are checked (within 8%)")
     if config.model_type not in CHECKED_FAMILIES:
         notes.append(f"{config.model_type}: activations are counted as for a Llama block; bench/vram_accuracy.py has "
                      f"checked {', '.join(CHECKED_FAMILIES)} only")
