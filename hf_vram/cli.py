@@ -115,14 +115,15 @@ def _cmd_prepare(args) -> int:
 def _cmd_plan(args) -> int:
     from hf_vram.recipe.load import load_recipe
     from hf_vram.vram.gpus import get_gpu
-    from hf_vram.vram.plan import fit_overrides, format_plan, plan_recipe
+    from hf_vram.vram.plan import fit_overrides, format_plan, plan_recipe, planning_inputs
 
     gpu = get_gpu(args.gpu)
     loaded = load_recipe(args.recipe, args.overrides)
-    plan = plan_recipe(loaded, gpu)
+    inputs = planning_inputs(loaded)
+    plan = plan_recipe(loaded, gpu, inputs)
     print(format_plan(loaded, plan))
     if args.fit:
-        changes, fitted = fit_overrides(loaded, gpu)
+        changes, fitted = fit_overrides(loaded, gpu, inputs)
         if fitted is None or not fitted.fits:
             print(f"--fit: no micro-batch, checkpointing or optimizer setting fits {gpu.name}; shorten data.max_length "
                   "or quantize the base (quant.bits: 4)")

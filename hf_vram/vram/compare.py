@@ -15,7 +15,7 @@ import tempfile
 import torch
 
 from hf_vram.recipe.schema import Recipe
-from hf_vram.vram.estimate import Plan, estimate
+from hf_vram.vram.estimate import OPTIMIZERS_8BIT, Plan, estimate
 from hf_vram.vram.gpus import GPU
 from hf_vram.vram.measure import Measured, measure_step
 
@@ -78,7 +78,7 @@ def measure(config, recipe: Recipe, fake: bool | None = None) -> Measured:
         model = _build(config, recipe)
         ids = torch.randint(0, config.vocab_size, (t.micro_batch_size, d.max_length))
     params = [p for p in model.parameters() if p.requires_grad]
-    if t.optimizer in ("adamw_8bit", "paged_adamw_8bit") and not fake:
+    if t.optimizer in OPTIMIZERS_8BIT and not fake:
         import bitsandbytes as bnb
 
         optimizer = bnb.optim.AdamW8bit(params, lr=1e-4)
@@ -92,7 +92,7 @@ def measure(config, recipe: Recipe, fake: bool | None = None) -> Measured:
 
 def predicted_for_cpu(config, recipe: Recipe) -> Plan:
     """The estimate at the settings of a CPU measurement: fp32 compute; 8-bit optimizers only when measured real."""
-    if recipe.quant.bits is None and recipe.train.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+    if recipe.quant.bits is None and recipe.train.optimizer in OPTIMIZERS_8BIT:
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"optimizer": "adamw_torch"})})
     return estimate(config, recipe, CPU, compute_dtype="float32", fused_loss=False, math_attention=True)
 

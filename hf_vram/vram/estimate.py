@@ -38,6 +38,8 @@ LOGPROB_CHUNK = 32768
 # Model FLOPs utilisation assumed for time: dense bf16 training reaches 35-45% on one card; bitsandbytes'
 # dequantization in every 4-bit matmul costs about a third of that.
 MFU = {"full": 0.40, "adapter": 0.35, "qlora": 0.25}
+# bitsandbytes' 8-bit AdamW, paged or not.
+OPTIMIZERS_8BIT = ("adamw_8bit", "paged_adamw_8bit")
 # Model families whose activation count bench/vram_accuracy.py checks against measured steps.
 CHECKED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "mixtral", "mamba")
 
@@ -204,7 +206,7 @@ def trainable_bytes(recipe: Recipe, compute_dtype: str) -> int:
 
 
 def optimizer_bytes(optimizer: str, n: int, param_bytes: int, small: int = 0) -> tuple[int, str]:
-    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+    if optimizer in OPTIMIZERS_8BIT:
         # Two 8-bit states plus an fp32 absmax per 256 values each; tensors under 4,096 values keep fp32 states.
         return int((n - small) * (2 + 2 * 4 / 256) + small * 8), "AdamW, two 8-bit states" + (
             " (paged)" if optimizer.startswith("paged") else "")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from hf_vram.recipe.load import LoadedRecipe, load_recipe
-from hf_vram.vram.estimate import GiB, Plan, count_parameters, estimate, resolve_config
+from hf_vram.vram.estimate import OPTIMIZERS_8BIT, Counts, GiB, Plan, count_parameters, estimate, resolve_config
 from hf_vram.vram.gpus import GPU
-
-OPTIMIZERS_8BIT = ("adamw_8bit", "paged_adamw_8bit")
 
 
 def dataset_size(loaded: LoadedRecipe) -> int | None:
@@ -30,19 +28,23 @@ def dataset_size(loaded: LoadedRecipe) -> int | None:
     return n - (round(n * d.val_size) if d.val_size and not d.eval_split else 0)
 
 
-def plan_recipe(loaded: LoadedRecipe, gpu: GPU) -> Plan:
+def planning_inputs(loaded: LoadedRecipe) -> tuple[object, Counts, int | None]:
+    """(config, parameter counts, training records): what every plan of this recipe starts from, read once."""
     config = resolve_config(loaded)
-    return estimate(config, loaded.recipe, gpu, samples=dataset_size(loaded))
+    return config, count_parameters(config, loaded.recipe), dataset_size(loaded)
 
 
-def fit_overrides(loaded: LoadedRecipe, gpu: GPU) -> tuple[list[str], Plan]:
+def plan_recipe(loaded: LoadedRecipe, gpu: GPU, inputs=None) -> Plan:
+    config, counts, samples = inputs or planning_inputs(loaded)
+    return estimate(config, loaded.recipe, gpu, samples=samples, counts=counts)
+
+
+def fit_overrides(loaded: LoadedRecipe, gpu: GPU, inputs=None) -> tuple[list[str], Plan]:
     """The smallest change that makes the recipe fit: the largest micro-batch that fits (the global batch kept
     through gradient accumulation), then gradient checkpointing, then an 8-bit paged optimizer. Returns the
     overrides (empty when the recipe fits as it is, at its largest micro-batch) and the plan they give."""
     recipe = loaded.recipe
-    config = resolve_config(loaded)
-    counts = count_parameters(config, recipe)
-    samples = dataset_size(loaded)
+    config, counts, samples = inputs or planning_inputs(loaded)
     t = recipe.train
     global_batch = t.micro_batch_size * t.grad_accum
     micros = [m for m in range(global_batch, 0, -1) if global_batch % m == 0]
@@ -107,8 +109,9 @@ def table_rows(gpu: GPU) -> list[dict]:
     for name, path in shipped_recipes().items():
         loaded = load_recipe(str(path))
         r = loaded.recipe
-        plan = plan_recipe(loaded, gpu)
-        fitted = "" if plan.fits else " ".join(fit_overrides(loaded, gpu)[0]) or "no setting fits"
+        inputs = planning_inputs(loaded)
+        plan = plan_recipe(loaded, gpu, inputs)
+        fitted = "" if plan.fits else " ".join(fit_overrides(loaded, gpu, inputs)[0]) or "no setting fits"
         rows.append({
             "recipe": name,
             "kind": r.task + (f" {r.adapter.type}" if r.adapter.type != "none" else " full") + (f" {r.quant.bits}-bit" if r.quant.bits else ""),
@@ -141,10 +144,11 @@ def preflight(loaded: LoadedRecipe, gpu: GPU) -> LoadedRecipe:
     error saying what to change."""
     from hf_vram.errors import UserError
 
-    plan = plan_recipe(loaded, gpu)
+    inputs = planning_inputs(loaded)
+    plan = plan_recipe(loaded, gpu, inputs)
     if plan.fits:
         return loaded
-    changes, fitted = fit_overrides(loaded, gpu)
+    changes, fitted = fit_overrides(loaded, gpu, inputs)
     over = f"{gib(plan.total - plan.usable)} over the {gib(plan.usable)} of {gpu.name}"
     if not changes or fitted is None or not fitted.fits:
         raise UserError(f"{loaded.name} is predicted to need {gib(plan.total)}, {over}, and no micro-batch, "
