@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from transformers import GPT2Config, LlamaConfig, MistralConfig
+from transformers import GPT2Config, LlamaConfig, MambaConfig, MistralConfig, MixtralConfig
 
 from hf_vram.recipe.schema import Recipe
 from hf_vram.vram.compare import compare
@@ -44,3 +44,30 @@ def test_plan_measure_prints_prediction_beside_measurement(tmp_path):
     r = run_cli("plan", str(path), "--measure")
     assert r.returncode == 0, r.stderr
     assert "measured on the CPU (fp32, fake tensors" in r.stdout and "step peak" in r.stdout
+
+
+def _recipe(adapter: dict | None = None, max_length: int = 128, **train) -> Recipe:
+    return Recipe.model_validate({
+        "model": {"name_or_path": "/unused", "attn_implementation": train.pop("attention", "sdpa")},
+        "data": {"source": "builtin:arithmetic", "max_length": max_length},
+        **({"adapter": adapter} if adapter else {}),
+        "train": {"micro_batch_size": 4, "optimizer": "adamw_torch", **train},
+    })
+
+
+def test_lora_on_mixture_of_experts_counts_peft_expert_adapters_and_merged_copies():
+    """all-linear reaches Mixtral's 3-D expert weights and router through peft's ParamWrapper: the predicted
+    adapter size is exactly what peft trains (its gradients), and the merged expert copies put the peak within 5%."""
+    config = MixtralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=4000)
+    c = compare(config, _recipe({"type": "lora", "r": 4, "dropout": 0.0}))
+    assert c["measured"]["grads"] == c["predicted"]["gradients"] > 0
+    assert abs(c["relative_error"]) < 0.05, c
+
+
+def test_mamba_scan_with_and_without_checkpointing():
+    config = MambaConfig(hidden_size=128, num_hidden_layers=2, state_size=16, vocab_size=4000)
+    for ckpt in (False, True):
+        c = compare(config, _recipe(max_length=64, gradient_checkpointing=ckpt, attention="eager"))
+        assert c["measured"]["grads"] == c["predicted"]["gradients"]
+        assert abs(c["relative_error"]) < 0.07, (ckpt, c)  # bench/vram_accuracy.py: within 6% at two sizes

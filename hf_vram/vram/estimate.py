@@ -9,9 +9,9 @@ weights and Adam states only):
   prepare_model_for_kbit_training casts everything else (embeddings, norms, lm_head) to fp32.
 - LoRA on a quantized base: trl keeps the adapter in bf16; on an unquantized base peft upcasts it to fp32.
 - Full fine-tune: fp32 weights, gradients and AdamW states (mixed precision computes in bf16).
-- Activations per layer and token, counted tensor by tensor for Llama-style blocks and measured for GPT-2 and
-  Mixtral (see _layer_elements), in the compute dtype; gradient checkpointing keeps each layer's input plus
-  one layer recomputed.
+- Activations per layer and token, counted tensor by tensor for Llama-style blocks and Mamba's scan, measured
+  for GPT-2 and Mixtral (see _layer_elements), in the compute dtype; gradient checkpointing keeps each layer's
+  input plus one layer recomputed. LoRA on 3-D expert weights keeps a merged copy of them per layer.
 - Loss: trl's SFT computes log-probabilities in chunks of up to 32,768 tokens with the logits in fp32; DPO
   (and a measurement with the model's own loss) keeps the full logits.
 - The peak is placed in time (see the end of estimate()), not summed, and checked against measured steps by
@@ -95,6 +95,8 @@ class Counts:
     total: int
     # Trainable values in tensors under 4,096 elements: bitsandbytes' 8-bit optimizers keep those in fp32.
     trainable_small: int = 0
+    # Values of 3-D expert weights (Mixtral-style gate_up_proj / down_proj) that a LoRA adapter wraps, per layer.
+    adapted_expert_values: int = 0
 
 
 def count_parameters(config, recipe: Recipe) -> Counts:
@@ -122,6 +124,10 @@ def count_parameters(config, recipe: Recipe) -> Counts:
                 shapes = [a.r * module.in_features, a.r * module.out_features] + ([module.out_features] if a.type == "dora" else [])
                 adapter += sum(shapes)
                 small += sum(n for n in shapes if n < 4096)
+    experts = _adapted_experts(model, a)
+    adapter += sum(n for n, _ in experts.values())
+    small += sum(n for n, _ in experts.values() if n < 4096)
+    expert_values = sum(v for _, v in experts.values()) // max(config.num_hidden_layers, 1)
     if a.type == "llama-adapter":
         # peft's adaption prompt: prompt_length x hidden values and one gate per adapted layer.
         adapter = min(a.prompt_layers, config.num_hidden_layers) * (a.prompt_length * config.hidden_size + 1)
@@ -132,7 +138,27 @@ def count_parameters(config, recipe: Recipe) -> Counts:
     elif a.type == "llama-adapter":
         small = adapter if a.prompt_length * config.hidden_size < 4096 else 0
     trainable = total if a.type == "none" else adapter
-    return Counts(block_linear, rows, total - block_linear, trainable, total + (adapter if a.type != "none" else 0), small)
+    return Counts(block_linear, rows, total - block_linear, trainable, total + (adapter if a.type != "none" else 0), small,
+                  expert_values)
+
+
+def _adapted_experts(model, adapter) -> dict[str, tuple[int, int]]:
+    """LoRA on a mixture of experts' 3-D weights and router (peft's ParamWrapper, which all-linear reaches in
+    transformers' Mixtral-style blocks): {parameter name: (adapter parameters, wrapped values)}. peft gives each
+    expert its own rank-r pair (A: r*E x in, B: out x r*E) and doubles the rank of the fused gate_up_proj (it
+    stands for w1 and w3); the router's 2-D weight gets a plain rank-r pair."""
+    if adapter.type not in ("lora", "dora", "rslora") or adapter.target_modules != "all-linear":
+        return {}
+    found = {}
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if p.dim() == 3 and leaf in ("gate_up_proj", "down_proj"):
+            e, out, inp = p.shape
+            r = adapter.r * (2 if leaf == "gate_up_proj" else 1)
+            found[name] = (r * e * (inp + out), p.numel())
+        elif p.dim() == 2 and name.endswith("mlp.gate.weight") and p.shape[0] == getattr(model.config, "num_local_experts", -1):
+            found[name] = (adapter.r * sum(p.shape), 0)
+    return found
 
 
 def _layer_elements(config, recipe: Recipe) -> int:
@@ -140,9 +166,10 @@ def _layer_elements(config, recipe: Recipe) -> int:
     GPT-2's block measured)."""
     h = config.hidden_size
     if config.model_type == "mamba":
-        # The selective scan's pure-torch path keeps (inner x state) tensors per token: the discretized A and B*u
-        # and the scan states, about 4 x inner x state elements (measured), which dwarf the projections.
-        return 4 * config.intermediate_size * config.state_size
+        # transformers' pure-torch selective scan keeps three (inner x state) tensors per token for backward: the
+        # discretized A, dt*B, and the state after every step; they dwarf the projections, convolution, gates and
+        # norm (about 12 x inner, measured).
+        return 3 * config.intermediate_size * config.state_size + 12 * config.intermediate_size
     if config.model_type == "gpt2":
         # ln_1 in/out, c_attn's q k v, the merged attention output, c_proj, ln_2 in/out, c_fc, gelu in/out: 30 h
         # measured per token (bench/vram_accuracy.py); residual dropout adds outputs and masks (1.5 h measured).
@@ -239,6 +266,19 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     items.append(Item("optimizer states", opt, note))
 
     per_layer = _layer_elements(config, recipe) * tokens * act + _attention_scores_bytes(config, recipe, seqs, seq, act, math_attention)
+    # Transient memory of one layer's backward beyond its saved tensors, alive while every earlier layer's are.
+    backward_extra = 0
+    if counts.adapted_expert_values:
+        # peft's ParamWrapper materialises W + BA for every expert weight it wraps and the grouped matmul saves
+        # it for backward: a copy of the layer's expert weights. Backward then makes each copy's gradient in turn:
+        # down_proj's (1/3 of the values) beside both copies, then gate_up_proj's (2/3) once down_proj's copy is
+        # freed: a third of the copy above what is saved, either way.
+        per_layer += counts.adapted_expert_values * act
+        backward_extra = counts.adapted_expert_values * act // 3
+    if config.model_type == "mamba":
+        # Backward of the pure-torch scan builds full (tokens x inner x state) gradients of the discretized A,
+        # dt*B and the states, and sums per-step slices into them: about 4.5 such tensors at once (measured).
+        backward_extra = 9 * config.intermediate_size * config.state_size * tokens * act // 2
     # Backward holds the gradient of the hidden states beside the saved activations.
     hidden_grads = 2 * h * tokens * act
     if t.gradient_checkpointing:
@@ -281,9 +321,18 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     grads = b["gradients"]
     static += cast
     if t.gradient_checkpointing:
-        dynamic = max(checkpoints + logits, checkpoints + per_layer + hidden_grads + grads, checkpoints + grads + logits / 2)
+        # The recomputed layer's backward: the first one backward reaches (the last layer) runs beside every
+        # checkpoint but only the embeddings' and head's gradients; the last one beside one checkpoint and every
+        # other layer's gradients (its own come at its end). Between them the sum moves linearly, so one of the
+        # two ends is the peak.
+        grads_first = counts.other * pbytes if recipe.adapter.type == "none" else 0
+        grads_last = grads - (grads - grads_first) / layers
+        one_layer = per_layer + hidden_grads + backward_extra
+        dynamic = max(checkpoints + logits, checkpoints + grads_first + one_layer, checkpoints / layers + grads_last + one_layer,
+                      checkpoints + grads + logits / 2)
     else:
-        dynamic = max(saved + logits, grads + 2 * logits / 3)
+        # By the time a layer's backward runs, the loss's tensors are freed.
+        dynamic = max(saved + logits, saved + backward_extra, grads + 2 * logits / 3)
     step_peak = int(static + dynamic)
     slack = int(ALLOCATOR_OVERHEAD * step_peak)
     items.append(Item("CUDA context + allocator", CUDA_CONTEXT + slack,
@@ -298,12 +347,14 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     settings = {k: getattr(t, k) for k in ("micro_batch_size", "grad_accum", "gradient_checkpointing", "optimizer")}
     settings["max_length"] = seq
     notes = []
-    if getattr(config, "num_local_experts", None) and recipe.adapter.type != "none":
-        notes.append("mixture of experts with an adapter: measured 15-35% above this estimate (frozen expert weights "
-                     "are copied in backward); only full fine-tunes of MoE models are checked")
-    if config.model_type == "mamba" and t.gradient_checkpointing:
-        notes.append("mamba with gradient checkpointing: measured 25-30% above this estimate; only runs without it "
-                     "are checked (within 8%)")
+    if counts.adapted_expert_values:
+        copy = counts.adapted_expert_values * act / GiB
+        notes.append(f"LoRA on the experts: peft adds BA to every expert weight in each forward and keeps the sum for "
+                     f"backward ({copy:.2f} GiB per layer); adapters on attention only (adapter.target_modules: "
+                     "[q_proj, k_proj, v_proj, o_proj]) avoid that")
+    if config.model_type == "mamba":
+        notes.append("mamba: transformers' pure-torch scan, which keeps (inner x state) tensors per token; mamba-ssm's "
+                     "CUDA kernels, when installed, keep far less, so this is an upper bound there")
     if config.model_type not in CHECKED_FAMILIES:
         notes.append(f"{config.model_type}: activations are counted as for a Llama block; bench/vram_accuracy.py has "
                      f"checked {', '.join(CHECKED_FAMILIES)} only")
