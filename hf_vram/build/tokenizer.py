@@ -30,6 +30,31 @@ def train_bpe(texts: Iterable[str], vocab_size: int, model_max_length: int) -> P
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, **SPECIALS)
 
 
+def train_char(texts: Iterable[str], model_max_length: int) -> PreTrainedTokenizerFast:
+    """One token per distinct character, as nanoGPT's shakespeare_char: the specials first, then the characters
+    in sorted order (so the ids do not depend on the order the text is read in). Unseen characters map to <unk>.
+
+    `tokenizers` has no character-level model or trainer, so the vocabulary is counted here and given to a
+    WordLevel model: a pre-tokenizer isolates every character (newlines included) into its own word and the Fuse
+    decoder joins tokens back without the spaces a WordLevel decoder would put between words."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    vocab = {token: i for i, token in enumerate(SPECIALS.values())}
+    for ch in sorted(chars):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS["unk_token"]))
+    # [\s\S] matches any one character, line breaks too (Oniguruma's "." stops at "\n").
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    # No normalizer and no clean-up on decode: every character, spacing included, must come back as it was.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=model_max_length, clean_up_tokenization_spaces=False, **SPECIALS
+    )
+
+
 def load_tokenizer(recipe: Recipe, tokenizer_path: str | None, texts: Iterable[str] | None = None):
     """The recipe's tokenizer, with a pad token (causal LMs often lack one; EOS is the usual stand-in)."""
     if recipe.tokenizer.train:
