@@ -28,6 +28,15 @@ def scratch_config(recipe: Recipe, tokenizer) -> PretrainedConfig:
     return config
 
 
+def attention_for(config: PretrainedConfig, requested: str) -> str | None:
+    """The attention kernel to ask transformers for: attention-free models (Mamba, Mamba2, RWKV) refuse sdpa, the
+    default, so they get none; an explicit flash_attention_2 on such a model is still refused by transformers."""
+    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if requested == "sdpa" and cls is not None and not getattr(cls, "_supports_sdpa", True):
+        return None
+    return requested
+
+
 def local_or_hub(ref: str) -> str:
     """Absolute path for local directories, so that adapters saved later point at their base from anywhere."""
     p = Path(ref).expanduser()
@@ -42,7 +51,8 @@ def build_model(recipe: Recipe, tokenizer, model_path: str | None, added_token_i
     m = recipe.model
     if m.arch:
         torch.manual_seed(recipe.train.seed)
-        model = AutoModelForCausalLM.from_config(scratch_config(recipe, tokenizer), attn_implementation=m.attn_implementation)
+        config = scratch_config(recipe, tokenizer)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_for(config, m.attn_implementation))
     else:
         quant = bnb_config(recipe.quant)
         kwargs = {}

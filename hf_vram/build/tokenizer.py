@@ -60,7 +60,10 @@ def load_tokenizer(recipe: Recipe, tokenizer_path: str | None, texts: Iterable[s
     if recipe.tokenizer.train:
         if texts is None:
             raise ValueError("training a tokenizer needs the training texts")
-        tok = train_bpe(texts, recipe.tokenizer.vocab_size, recipe.data.max_length)
+        if recipe.tokenizer.kind == "char":
+            tok = train_char(texts, recipe.data.max_length)
+        else:
+            tok = train_bpe(texts, recipe.tokenizer.vocab_size, recipe.data.max_length)
     else:
         tok = AutoTokenizer.from_pretrained(tokenizer_path)
     if tok.pad_token is None:

@@ -1,9 +1,11 @@
-"""train + data sections -> trl.SFTConfig or trl.DPOConfig (the only place training arguments are built)."""
+"""train + data sections -> trl.SFTConfig, trl.DPOConfig or transformers.TrainingArguments (pretraining): the only
+place training arguments are built."""
 
 from __future__ import annotations
 
 import os
 
+from transformers import TrainingArguments
 from trl import DPOConfig, SFTConfig
 
 from hf_vram.device import has_cuda, mixed_precision
@@ -23,6 +25,8 @@ def _common(recipe: Recipe, output_dir: str, has_eval: bool) -> dict:
         max_steps=t.max_steps or -1,
         learning_rate=t.lr,
         lr_scheduler_type=t.lr_scheduler,
+        lr_scheduler_kwargs={"min_lr": t.min_lr} if t.lr_scheduler == "cosine_with_min_lr" else None,
+        adam_beta2=t.adam_beta2,
         warmup_steps=t.warmup,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
@@ -77,5 +81,11 @@ def dpo_config(recipe: Recipe, output_dir: str, has_eval: bool = False) -> DPOCo
     )
 
 
+def pretrain_args(recipe: Recipe, output_dir: str, has_eval: bool = False) -> TrainingArguments:
+    # Blocks of token ids arrive whole from the shards (data_prep/shards.py): nothing to pack or pad.
+    return TrainingArguments(**_common(recipe, output_dir, has_eval))
+
+
 def training_args(recipe: Recipe, output_dir: str, has_eval: bool = False):
-    return (dpo_config if recipe.task == "dpo" else sft_config)(recipe, output_dir, has_eval)
+    build = {"dpo": dpo_config, "pretrain": pretrain_args}.get(recipe.task, sft_config)
+    return build(recipe, output_dir, has_eval)

@@ -214,6 +214,10 @@ def _check_references(recipe: Recipe, origins: dict[str, str], source: str) -> l
                 f"{at('data.source')}: data.source: no builtin dataset '{name}'{did_you_mean(name, BUILTIN_SOURCES)}; "
                 f"builtin: {', '.join(BUILTIN_SOURCES)}"
             )
+    elif src.startswith(("http://", "https://")):
+        if recipe.task != "pretrain":
+            problems.append(f"{at('data.source')}: data.source: a URL is read by task pretrain only; download the file "
+                            "and give its path")
     elif src.endswith(tuple(LOADERS)) or src.startswith((".", "/", "~")):
         if not Path(src).expanduser().exists():
             problems.append(

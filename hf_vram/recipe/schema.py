@@ -47,8 +47,13 @@ class TokenizerSection(Section):
     name_or_path: str | None = None
     # Train a new byte-level BPE tokenizer on the recipe's training text (offline, with `tokenizers`).
     train: bool = False
-    # Vocabulary size of a trained tokenizer (special tokens included).
+    # Kind of trained tokenizer: bpe = byte-level BPE (GPT-2's scheme); char = one token per character
+    # (nanoGPT's shakespeare_char; vocab_size is then the number of distinct characters).
+    kind: Literal["bpe", "char"] = "bpe"
+    # Vocabulary size of a trained BPE tokenizer (special tokens included).
     vocab_size: int = Field(8000, ge=260)
+    # task pretrain: documents of the training data the tokenizer is trained on (the first ones).
+    train_documents: int = Field(20000, ge=1)
 
 
 class QuantSection(Section):
@@ -95,7 +100,8 @@ class DataSection(Section):
     split: str = "train"
     # Held-out evaluation: a split name of the source (Hub, builtin), or empty to hold out val_size of the records.
     eval_split: str | None = None
-    # Fraction of the records held out for evaluation when eval_split is empty (0 = no evaluation).
+    # Fraction of the records held out for evaluation when eval_split is empty (0 = no evaluation). task pretrain:
+    # documents held out by a stable hash of their index; a single .txt file gives its last val_size of tokens.
     val_size: float = Field(0.0, ge=0.0, lt=1.0)
     # Field holding the text, for format: text in json/jsonl/csv/parquet files.
     text_field: str = "text"
@@ -117,11 +123,14 @@ class DataSection(Section):
         return value
     # Longest sequence in tokens; longer samples are truncated.
     max_length: int = Field(512, ge=8)
+    # task pretrain: a training sequence starts every block_stride tokens of the corpus; empty = max_length (each
+    # token read once per epoch). 1 = every offset, as nanoGPT's random windows: for small corpora seen many times.
+    block_stride: int | None = Field(None, ge=1)
     # Pack several samples into each sequence (no padding waste).
     packing: bool = False
     # Also train on prompt and user tokens; by default only responses (every assistant turn) and EOS are trained.
     train_on_prompt: bool = False
-    # Use only the first N records (quick trials); empty = all.
+    # Use only the first N records (task pretrain: documents) (quick trials); empty = all.
     max_samples: int | None = Field(None, ge=1)
 
 
@@ -139,7 +148,11 @@ class TrainSection(Section):
     # Peak learning rate.
     lr: float = Field(2e-4, gt=0)
     # Learning-rate schedule after warmup.
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    lr_scheduler: Literal["cosine", "cosine_with_min_lr", "linear", "constant", "constant_with_warmup"] = "cosine"
+    # cosine_with_min_lr: the learning rate the decay ends at (nanoGPT and llm.c decay to a tenth of the peak).
+    min_lr: float | None = Field(None, ge=0)
+    # AdamW's beta2: 0.999 by default; small-data and large-batch recipes use 0.99 (nanoGPT) or 0.95 (llm.c, GPT-3).
+    adam_beta2: float = Field(0.999, gt=0, lt=1)
     # Warmup: a fraction of all steps when below 1, else a number of steps.
     warmup: float = Field(0.03, ge=0)
     # Decoupled weight decay (AdamW).
@@ -178,6 +191,9 @@ class EvalSection(Section):
     score_samples: int = Field(0, ge=0)
     # Prompts generated from the saved output through transformers.pipeline after training.
     sample_prompts: list[str] = Field(default_factory=list)
+    # Also generate from sample_prompts at every held-out evaluation (train.eval_steps), logged and written to
+    # OUTPUT_DIR/samples.jsonl: a model trained from scratch shows what it has learned as it goes.
+    sample_during_training: bool = False
     # Tokens generated per prompt (scoring and samples).
     max_new_tokens: int = Field(32, ge=1)
 
@@ -212,8 +228,9 @@ class Recipe(Section):
     # One line shown by `hf-vram recipes` and in the model card.
     description: str = ""
     # Kind of training: sft = causal language modelling on text, instructions or chats (trl's SFTTrainer);
-    # dpo = preference optimisation on chosen/rejected pairs (trl's DPOTrainer).
-    task: Literal["sft", "dpo"] = "sft"
+    # dpo = preference optimisation on chosen/rejected pairs (trl's DPOTrainer); pretrain = next-token prediction
+    # on a corpus tokenized once into memory-mapped token shards (data_prep/shards.py; transformers' Trainer).
+    task: Literal["sft", "dpo", "pretrain"] = "sft"
     model: ModelSection
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     quant: QuantSection = Field(default_factory=QuantSection)
@@ -234,6 +251,14 @@ class Recipe(Section):
             raise ValueError("data.format: task dpo trains on format preference, and format preference needs task: dpo")
         if self.tokenizer.train and not self.model.arch:
             raise ValueError("tokenizer.train: a new vocabulary is only for a model built from scratch (model.arch)")
+        if (self.train.lr_scheduler == "cosine_with_min_lr") != (self.train.min_lr is not None):
+            raise ValueError("train.min_lr: set it together with train.lr_scheduler: cosine_with_min_lr (and only then)")
+        if self.task == "pretrain" and self.data.format != "text":
+            raise ValueError(f"data.format: task pretrain reads plain text (format: text), not '{self.data.format}'")
+        if self.task == "pretrain" and self.data.eval_split:
+            raise ValueError("data.eval_split: task pretrain holds out data.val_size of the documents instead")
+        if self.data.source.startswith("builtin:") and self.task == "pretrain":
+            raise ValueError("data.source: task pretrain reads a file, a URL or a Hub dataset; builtin sources are for task sft")
         if self.model.arch and not self.tokenizer.train and not self.tokenizer.name_or_path:
             raise ValueError("tokenizer.train: a model built from scratch needs a tokenizer: set tokenizer.train: true or tokenizer.name_or_path")
         return self

@@ -1,11 +1,14 @@
-"""trl's trainers with two additions: a run stops at the first non-finite loss, naming the step, instead of
-training on garbage; held-out evaluation also reports perplexity (exp of the mean token loss)."""
+"""The trainers hf-vram runs, each with two additions: a run stops at the first non-finite loss, naming the step,
+instead of training on garbage; held-out evaluation also reports perplexity (exp of the mean token loss).
+Pretraining (transformers' Trainer) also logs a mixture of experts' router: its auxiliary loss and how evenly
+tokens spread over the experts."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from transformers import Trainer
 from trl import DPOTrainer, SFTTrainer
 
 from hf_vram.errors import TrainingStopped
@@ -22,7 +25,7 @@ class _Guard:
         return loss
 
 
-class GuardedSFTTrainer(_Guard, SFTTrainer):
+class _Perplexity:
     def evaluate(self, *args, **kwargs):
         metrics = super().evaluate(*args, **kwargs)
         if "eval_loss" in metrics:
@@ -32,5 +35,48 @@ class GuardedSFTTrainer(_Guard, SFTTrainer):
         return metrics
 
 
+class GuardedSFTTrainer(_Guard, _Perplexity, SFTTrainer):
+    pass
+
+
 class GuardedDPOTrainer(_Guard, DPOTrainer):
     pass
+
+
+def expert_load(router_logits, top_k: int) -> torch.Tensor:
+    """Fraction of the routed token slots each expert received, per layer: (layers, experts); 1/experts each when
+    perfectly balanced. router_logits: one (tokens, experts) tensor per layer, as Mixtral returns them."""
+    loads = []
+    for logits in router_logits:
+        chosen = logits.detach().float().topk(top_k, dim=-1).indices.flatten()
+        counts = torch.bincount(chosen, minlength=logits.shape[-1]).float()
+        loads.append(counts / counts.sum())
+    return torch.stack(loads)
+
+
+class GuardedTrainer(_Guard, _Perplexity, Trainer):
+    """transformers' Trainer for pretraining from token shards. For a mixture of experts (a config with
+    output_router_logits, so that the model adds its load-balancing loss to the loss), the auxiliary loss and
+    the expert load are averaged over the steps between two logs: `moe_aux_loss`, and `moe_load_max` /
+    `moe_load_min`, the busiest and idlest expert's share over the balanced share (1.0 = perfectly even)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._moe: list[tuple[float, float, float]] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        aux = getattr(outputs, "aux_loss", None)
+        if aux is not None and model.training and getattr(outputs, "router_logits", None):
+            config = self.model.config
+            load = expert_load(outputs.router_logits, config.num_experts_per_tok) * config.num_local_experts
+            self._moe.append((aux.item(), load.max().item(), load.min().item()))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs):
+        if self._moe and "loss" in logs:
+            n = len(self._moe)
+            logs["moe_aux_loss"], logs["moe_load_max"], logs["moe_load_min"] = (
+                round(sum(v[i] for v in self._moe) / n, 4) for i in range(3))
+            self._moe.clear()
+        super().log(logs, *args, **kwargs)

@@ -1,4 +1,5 @@
-"""The causal-LM runner: recipe -> tokenizer, data, model -> trl SFTTrainer (Accelerate underneath) -> output.
+"""The causal-LM runner: recipe -> tokenizer, data, model -> trainer (Accelerate underneath) -> output. trl's SFTTrainer
+or DPOTrainer for instructions, chats and preferences; transformers' Trainer on token shards for pretraining.
 
 The output directory holds the model or adapter (safetensors), the tokenizer, `recipe.yaml` (fully
 resolved), a model card, TensorBoard logs under runs/, and `train_summary.json`, written last: its
@@ -30,8 +31,9 @@ from hf_vram.device import torch_dtype
 from hf_vram.evaluate import scorable, score
 from hf_vram.recipe.load import LoadedRecipe, find_recipe, load_recipe
 from hf_vram.train.checkpoints import CommitCheckpoints, discard_incomplete, latest_complete
-from hf_vram.train.guard import GuardedDPOTrainer, GuardedSFTTrainer
+from hf_vram.train.guard import GuardedDPOTrainer, GuardedSFTTrainer, GuardedTrainer
 from hf_vram.train.memory import MemoryLog
+from hf_vram.train.samples import SampleText
 
 SUMMARY = "train_summary.json"
 # Held-out metrics kept in the summary (language modelling; DPO's preference metrics).
@@ -94,7 +96,7 @@ class Run:
     """A prepared run: everything built, nothing trained yet (tests inspect the model before fit())."""
 
     loaded: LoadedRecipe
-    trainer: GuardedSFTTrainer
+    trainer: GuardedSFTTrainer | GuardedDPOTrainer | GuardedTrainer
     tokenizer: object
     resume: Path | None
     summary: dict
@@ -149,7 +151,15 @@ def prepare(loaded: LoadedRecipe) -> Run:
     # Training arguments first: they set up the process group (and DeepSpeed's config) that the rest relies on.
     has_eval = bool(recipe.data.eval_split or recipe.data.val_size)
     args = training_args(recipe, str(out), has_eval)
-    tokenizer, prepared, added_token_ids = prepare_data(loaded, tokenizer_path, args)
+    if recipe.task == "pretrain":
+        from data_prep.corpus import prepare_corpus
+
+        corpus = prepare_corpus(recipe, out, tokenizer_path, lambda desc: args.main_process_first(local=False, desc=desc))
+        tokenizer, added_token_ids = corpus.tokenizer, []
+        train_data, eval_data, data_counts = corpus.train, corpus.eval, corpus.counts
+    else:
+        tokenizer, prepared, added_token_ids = prepare_data(loaded, tokenizer_path, args)
+        train_data, eval_data, data_counts = prepared.train, prepared.eval, prepared.counts
 
     dpo = recipe.task == "dpo"
     # trl's DPOTrainer wraps the model in the adapter itself: its reference model is then the same weights with
@@ -158,15 +168,23 @@ def prepare(loaded: LoadedRecipe) -> Run:
     if args.process_index == 0:
         discard_incomplete(out)
         atomic_write_text(out / "recipe.yaml", loaded.resolved_yaml())
-    trainer_class = GuardedDPOTrainer if dpo else GuardedSFTTrainer
+    trainer_class = {"dpo": GuardedDPOTrainer, "pretrain": GuardedTrainer}.get(recipe.task, GuardedSFTTrainer)
+    callbacks = [CommitCheckpoints(keep=recipe.train.save_total_limit), MemoryLog(out)]
+    if recipe.eval.sample_during_training and recipe.eval.sample_prompts:
+        callbacks.append(SampleText(tokenizer, recipe.eval.sample_prompts, recipe.eval.max_new_tokens, out))
+    extra = {"peft_config": peft_config} if dpo else {}
+    if recipe.task == "pretrain":
+        from transformers import default_data_collator
+
+        extra["data_collator"] = default_data_collator  # equal-length blocks: stacked, nothing to pad
     trainer = trainer_class(
         model=model,
         args=args,
-        train_dataset=prepared.train,
-        eval_dataset=prepared.eval,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
         processing_class=tokenizer,
-        callbacks=[CommitCheckpoints(keep=recipe.train.save_total_limit), MemoryLog(out)],
-        **({"peft_config": peft_config} if dpo else {}),
+        callbacks=callbacks,
+        **extra,
     )
     expose_bias_of_trainable_tokens(trainer.model)
     trainable, total = count_parameters(trainer.model)
@@ -182,7 +200,7 @@ def prepare(loaded: LoadedRecipe) -> Run:
                 p.data = p.data.float()
     summary = {
         "recipe": loaded.name, "task": recipe.task, "trainable_params": trainable, "total_params": total,
-        "samples": len(prepared.train), "data": prepared.counts,
+        "samples": len(train_data), "data": data_counts,
     }
     return Run(loaded, trainer, tokenizer, latest_complete(out), summary)
 

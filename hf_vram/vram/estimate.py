@@ -398,7 +398,10 @@ def resolve_config(loaded: LoadedRecipe):
     if r.model.arch:
         config = AutoConfig.for_model(r.model.arch, **r.model.config)
         if r.tokenizer.train:
-            config.vocab_size = r.tokenizer.vocab_size
+            # A char-level vocabulary is the text's distinct characters (65 for Shakespeare): 256 stand for them.
+            config.vocab_size = r.tokenizer.vocab_size if r.tokenizer.kind == "bpe" else 256
+        elif r.tokenizer.name_or_path:
+            config.vocab_size = _tokenizer_size(r.tokenizer.name_or_path, config.vocab_size)
         return config
     ref = r.model.name_or_path
     if ref.startswith("recipe:"):
@@ -416,3 +419,17 @@ def resolve_config(loaded: LoadedRecipe):
             return AutoConfig.for_model(fields.pop("model_type"), **fields)
         raise ConfigUnavailable(f"model.name_or_path: cannot read the config of '{ref}' (offline, and not a known base); "
                                 "download it once or give a local path") from None
+
+
+def _tokenizer_size(ref: str, default: int) -> int:
+    """len() of a named tokenizer, which sizes a model built from scratch: from a local folder, the table of known
+    Hub tokenizers, or the config's own default when neither has it."""
+    from pathlib import Path
+
+    from hf_vram.vram.known_configs import KNOWN_TOKENIZER_SIZES
+
+    if Path(ref).expanduser().is_dir():
+        from transformers import AutoTokenizer
+
+        return len(AutoTokenizer.from_pretrained(ref))
+    return KNOWN_TOKENIZER_SIZES.get(ref, default)

@@ -37,3 +37,11 @@ KNOWN_DATASET_SIZES = {
     ("HuggingFaceH4/no_robots", "train"): 9500,
     ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs"): 61135,
 }
+
+# Vocabulary sizes (len(tokenizer)) of the Hub tokenizers that shipped from-scratch recipes name: a model built from
+# scratch is sized to its tokenizer, and its plan must not need the network for that.
+KNOWN_TOKENIZER_SIZES = {
+    "openai-community/gpt2": 50257,
+    "gpt2": 50257,
+    "EleutherAI/gpt-neox-20b": 50277,
+}
