@@ -93,6 +93,8 @@ def _cmd_prepare(args) -> int:
 
     loaded = load_recipe(args.recipe, args.overrides)
     _, tokenizer_path = resolve_dependencies(loaded)
+    if loaded.recipe.task == "pretrain":
+        return _prepare_corpus(loaded, tokenizer_path, args.inspect)
     tokenizer, prepared, _ = prepare_data(loaded, tokenizer_path)
     order = ("samples", "kept", "truncated", "dropped", "tokens", "trained_tokens", "pairs")
     for split, counts in prepared.counts.items():
@@ -109,6 +111,23 @@ def _cmd_prepare(args) -> int:
             trained = sum(label != -100 for label in row["labels"])
             print(f"--- sample {i}: {len(row['input_ids'])} tokens, {trained} trained ({legend})")
             print(format_sample(row, tokenizer, color))
+    return 0
+
+
+def _prepare_corpus(loaded, tokenizer_path, inspect: int) -> int:
+    """`hf-vram prepare` of a pretraining recipe: the token shards, their counts, and the first blocks decoded."""
+    from data_prep.corpus import prepare_corpus
+
+    corpus = prepare_corpus(loaded.recipe, loaded.output_dir, tokenizer_path)
+    c = corpus.counts
+    for split in ("train", "val"):
+        print(f"{split}: documents {c['documents'].get(split, 0):,}, tokens {c['tokens'][split]:,}, "
+              f"blocks of {loaded.recipe.data.max_length} {c['blocks'][split]:,}")
+    print(f"vocabulary {c['vocab_size']:,} ({c['dtype']} ids); cached in {c['shards']}")
+    for i in range(min(inspect, len(corpus.train))):
+        ids = corpus.train[i]["input_ids"]
+        print(f"--- block {i}: {len(ids)} tokens")
+        print(corpus.tokenizer.decode(ids))
     return 0
 
 

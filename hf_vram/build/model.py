@@ -37,6 +37,19 @@ def attention_for(config: PretrainedConfig, requested: str) -> str | None:
     return requested
 
 
+def scan_path(config: PretrainedConfig) -> str | None:
+    """Which selective-scan implementation a Mamba model trains with, for the log: mamba-ssm's CUDA kernels when
+    the package is installed and a GPU is there, transformers' pure-torch scan otherwise (slower, more memory)."""
+    if config.model_type not in ("mamba", "mamba2"):
+        return None
+    import importlib.util
+
+    if has_cuda() and importlib.util.find_spec("mamba_ssm") and importlib.util.find_spec("causal_conv1d"):
+        return f"{config.model_type}: mamba-ssm's CUDA kernels (selective scan, causal conv1d)"
+    why = "no GPU" if not has_cuda() else "mamba-ssm / causal-conv1d not installed (pip install mamba-ssm causal-conv1d)"
+    return f"{config.model_type}: transformers' pure-torch scan ({why}): slower, and more activation memory"
+
+
 def local_or_hub(ref: str) -> str:
     """Absolute path for local directories, so that adapters saved later point at their base from anywhere."""
     p = Path(ref).expanduser()

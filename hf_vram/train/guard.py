@@ -62,7 +62,7 @@ class GuardedTrainer(_Guard, _Perplexity, Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._moe: list[tuple[float, float, float]] = []
+        self._moe: list[torch.Tensor] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -70,13 +70,13 @@ class GuardedTrainer(_Guard, _Perplexity, Trainer):
         if aux is not None and model.training and getattr(outputs, "router_logits", None):
             config = self.model.config
             load = expert_load(outputs.router_logits, config.num_experts_per_tok) * config.num_local_experts
-            self._moe.append((aux.item(), load.max().item(), load.min().item()))
+            # Kept as tensors until the next log: .item() every step would wait for the GPU each time.
+            self._moe.append(torch.stack([aux.detach().float(), load.max(), load.min()]))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs):
         if self._moe and "loss" in logs:
-            n = len(self._moe)
-            logs["moe_aux_loss"], logs["moe_load_max"], logs["moe_load_min"] = (
-                round(sum(v[i] for v in self._moe) / n, 4) for i in range(3))
+            means = torch.stack(self._moe).mean(0).tolist()
+            logs["moe_aux_loss"], logs["moe_load_max"], logs["moe_load_min"] = (round(v, 4) for v in means)
             self._moe.clear()
         super().log(logs, *args, **kwargs)

@@ -23,7 +23,7 @@ from data_prep.chat import install_chat_template
 from data_prep.formats import CHAT_FORMATS
 from data_prep.prepare import Prepared, example_texts, load_examples, prepare_dataset
 from hf_vram.atomic import atomic_write_json, atomic_write_text
-from hf_vram.build.model import build_model, count_parameters, expose_bias_of_trainable_tokens
+from hf_vram.build.model import build_model, count_parameters, expose_bias_of_trainable_tokens, scan_path
 from hf_vram.build.tokenizer import load_tokenizer
 from hf_vram.build.training_args import training_args
 from hf_vram.card import model_card
@@ -166,6 +166,8 @@ def prepare(loaded: LoadedRecipe) -> Run:
     # the adapter switched off, not a second frozen copy of the adapter saved beside the trained one.
     model, peft_config = build_model(recipe, tokenizer, model_path, added_token_ids, wrap=not dpo)
     if args.process_index == 0:
+        if scan_path(model.config):
+            print(f"[hf-vram] {scan_path(model.config)}", flush=True)
         discard_incomplete(out)
         atomic_write_text(out / "recipe.yaml", loaded.resolved_yaml())
     trainer_class = {"dpo": GuardedDPOTrainer, "pretrain": GuardedTrainer}.get(recipe.task, GuardedSFTTrainer)
