@@ -66,6 +66,10 @@ def build_model(recipe: Recipe, tokenizer, model_path: str | None, added_token_i
         torch.manual_seed(recipe.train.seed)
         config = scratch_config(recipe, tokenizer)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_for(config, m.attn_implementation))
+        if getattr(model, "loss_type", None) is None:
+            # Some models (GPT-2) leave it unset; the Trainer then divides the summed loss by every label, T per
+            # row, where a causal LM predicts T - 1: the loss and gradients would be scaled by (T - 1) / T.
+            model.loss_type = "ForCausalLM"
     else:
         quant = bnb_config(recipe.quant)
         kwargs = {}
