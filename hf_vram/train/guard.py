@@ -95,9 +95,18 @@ class GuardedTrainer(_Guard, _Perplexity, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         aux = getattr(outputs, "aux_loss", None)
+        config = self.model.config
+        if aux is not None and model.training and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # The model adds coef * aux to a cross-entropy already divided by the tokens of the whole optimizer step,
+            # so the Trainer neither divides this loss by grad_accum nor leaves it unscaled across processes (it
+            # multiplies by their number): left alone, the router's loss would weigh coef x grad_accum x processes.
+            # Weighted once per optimizer step instead, averaged over micro-batches and ranks.
+            processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            loss = loss - config.router_aux_loss_coef * aux.to(loss.device) * (
+                processes - 1 / self.current_gradient_accumulation_steps)
         if aux is not None and model.training and getattr(outputs, "router_logits", None):
-            config = self.model.config
-            load = expert_load(outputs.router_logits, config.num_experts_per_tok) * config.num_local_experts
+            experts = getattr(config, "num_local_experts", None) or config.num_experts
+            load = expert_load(outputs.router_logits, config.num_experts_per_tok) * experts
             # Kept as tensors until the next log: .item() every step would wait for the GPU each time.
             self._moe.append(torch.stack([aux.detach().float(), load.max(), load.min()]))
         return (loss, outputs) if return_outputs else loss
