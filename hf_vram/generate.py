@@ -31,6 +31,8 @@ def load_pipeline(output_dir: str | Path):
 
     from transformers import AutoConfig, AutoTokenizer, pipeline
 
+    import hf_vram.models  # noqa: F401  (outputs of architectures hf-vram adds, RetNet, load through the Auto classes)
+
     out = str(output_dir)
     # The output's own tokenizer: an adapter's base may lack the chat template (or tokens) it was trained with.
     tokenizer = AutoTokenizer.from_pretrained(out)

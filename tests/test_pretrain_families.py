@@ -62,6 +62,12 @@ TINY = {
                 "context_length": 64},
         max_length=32, batch=16, cls="RwkvForCausalLM",
     ),
+    "retnet-130m-scratch": dict(
+        # hf-vram's own RetNet (hf_vram/models), registered with the Auto classes: the stock loaders find it.
+        config={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+                "chunk_size": 16},
+        max_length=32, batch=16, cls="RetNetForCausalLM",
+    ),
     "moe-8x-small-scratch": dict(
         # The recipe's 8 experts, 2 active per token, router loss in the training loss: only sizes shrink.
         config={"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+import hf_vram.models  # noqa: F401  (architectures hf-vram adds, RetNet, register with the Auto classes)
 from hf_vram.build.adapter import adapter_config
 from hf_vram.build.quant import bnb_config, sharded_launch
 from hf_vram.device import has_cuda, torch_dtype

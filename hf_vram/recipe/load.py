@@ -248,6 +248,8 @@ def _check_model_config(recipe: Recipe, at) -> list[str]:
 
     arch = recipe.model.arch
     if arch not in CONFIG_MAPPING:
+        import hf_vram.models  # noqa: F401  (architectures hf-vram adds, RetNet, register themselves)
+    if arch not in CONFIG_MAPPING:
         return [f"{at('model.arch')}: model.arch: unknown model type '{arch}'{did_you_mean(arch, CONFIG_MAPPING.keys())}"]
     config_cls = CONFIG_MAPPING[arch]
     defaults = config_cls().to_dict()

@@ -396,6 +396,8 @@ def resolve_config(loaded: LoadedRecipe):
 
     r = loaded.recipe
     if r.model.arch:
+        import hf_vram.models  # noqa: F401  (architectures hf-vram adds, RetNet, register with AutoConfig)
+
         config = AutoConfig.for_model(r.model.arch, **r.model.config)
         if r.tokenizer.train:
             # A char-level vocabulary is the text's distinct characters (65 for Shakespeare): 256 stand for them.
