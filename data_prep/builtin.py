@@ -72,4 +72,28 @@ class ArithmeticTask:
         return {"accuracy": correct / len(tests), "correct": correct, "total": len(tests)}
 
 
-BUILTIN_SOURCES = {"arithmetic": ArithmeticTask()}
+class SkillText:
+    """A small generated corpus of one skill (format: text only), in a few phrasings: the tiny dense experts of
+    the MoE assembly demo each learn one, so that a router has something to tell apart."""
+
+    def __init__(self, description: str, make: Callable[[int, int], list[str]]):
+        self.description = description
+        self._make = make
+
+    def records(self, fmt: str, split: str = "train", n_docs: int = 4000, seed: int = 0) -> list[dict]:
+        if fmt != "text":
+            raise ValueError(f"this builtin source supports format text only, not '{fmt}'")
+        rng = random.Random(seed)
+        sentences = [t for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1) for t in self._make(a, b)]
+        return [{"text": rng.choice(sentences)} for _ in range(n_docs)]
+
+
+BUILTIN_SOURCES = {
+    "arithmetic": ArithmeticTask(),
+    "products": SkillText("products of two numbers 0-9 as text",
+                          lambda a, b: [f"{a} times {b} is {a * b}.", f"{a} * {b} = {a * b}"]),
+    "differences": SkillText("differences of two numbers 0-9 as text",
+                             lambda a, b: [f"{a + b} minus {b} is {a}.", f"{a + b} - {b} = {a}"]),
+    "counting": SkillText("counting up from a number as text",
+                          lambda a, b: [f"count from {a}: " + " ".join(str(a + i) for i in range(2 + b % 5)) + "."]),
+}

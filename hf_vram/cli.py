@@ -34,6 +34,9 @@ def _validate_one(ref: str, overrides: list[str]) -> str:
         return validate_accelerate_config(ref)
     loaded = load_recipe(ref, overrides)
     r = loaded.recipe
+    if r.task == "assemble":
+        return (f"ok: {loaded.path} (assemble: {len(r.moe.experts)} experts, top-{r.moe.experts_per_token}, router "
+                f"{r.moe.gate_mode}, on {r.model.name_or_path}; output {loaded.output_dir})")
     kind = f"{r.adapter.type} adapter on {r.model.name_or_path}" if r.adapter.type != "none" else (
         f"{r.model.arch} from scratch" if r.model.arch else f"full fine-tune of {r.model.name_or_path}"
     )
@@ -131,6 +134,13 @@ def _prepare_corpus(loaded, tokenizer_path, inspect: int) -> int:
     return 0
 
 
+def _cmd_assemble(args) -> int:
+    from hf_vram.train.assemble import assemble_file
+
+    assemble_file(args.recipe, args.out, args.overrides)
+    return 0
+
+
 def _cmd_plan(args) -> int:
     from hf_vram.recipe.load import load_recipe
     from hf_vram.vram.gpus import get_gpu
@@ -138,6 +148,10 @@ def _cmd_plan(args) -> int:
 
     gpu = get_gpu(args.gpu)
     loaded = load_recipe(args.recipe, args.overrides)
+    if loaded.recipe.task == "assemble":
+        print(f"{loaded.name}: task assemble trains nothing (the experts are copied into one model on the CPU); plan "
+              "the recipe that fine-tunes its output (model.name_or_path: recipe:NAME)")
+        return 0
     inputs = planning_inputs(loaded)
     plan = plan_recipe(loaded, gpu, inputs)
     print(format_plan(loaded, plan))
@@ -251,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the merged weights (auto: the base's own)")
     s.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (an index is written when sharded)")
     s.set_defaults(func=_cmd_merge)
+
+    s = sub.add_parser("assemble", help="build a Mixtral-style MoE from dense checkpoints (a task assemble recipe, "
+                       "or mergekit-moe's own YAML)")
+    s.add_argument("recipe", help="recipe name or path (task: assemble), or a mergekit-moe config file")
+    s.add_argument("overrides", nargs="*", help="key.path=value overrides (recipes only)")
+    s.add_argument("--out", help="output directory (default: the recipe's, or outputs/<file name>)")
+    s.set_defaults(func=_cmd_assemble)
 
     s = sub.add_parser("push", help="upload an output directory and its model card to the Hugging Face Hub")
     s.add_argument("output_dir")

@@ -49,20 +49,32 @@ def load_pipeline(output_dir: str | Path):
     return pipeline("text-generation", model=out, tokenizer=tokenizer)
 
 
+def position_limit(config) -> int | None:
+    """Longest sequence a model can read when it has a learned position table (GPT-2's n_positions): it has no row
+    past the end, and generate() does not crop the context as nanoGPT's sample loop does. None for models whose
+    positions are computed (RoPE) or that have none (Mamba, RWKV, RetNet)."""
+    return getattr(config, "max_position_embeddings", None) if config.model_type == "gpt2" else None
+
+
 def room_for(config, prompt_tokens: int, wanted: int) -> int:
-    """New tokens that fit in a model's context after the prompt: learned position tables (GPT-2's n_positions)
-    have no row past their end, and generate() does not crop the context as nanoGPT's sample loop does.
-    Recurrent models (Mamba, RWKV) have no such limit."""
-    limit = getattr(config, "max_position_embeddings", None) if config.model_type == "gpt2" else None
+    """New tokens that fit in the model's context after the prompt."""
+    limit = position_limit(config)
     return max(1, min(wanted, limit - prompt_tokens)) if limit else wanted
+
+
+def _room(pipe, prompt, wanted: int) -> int:
+    """room_for a pipeline's prompt: a string, or chat messages rendered with the tokenizer's template."""
+    if position_limit(pipe.model.config) is None:
+        return wanted
+    text = prompt if isinstance(prompt, str) else pipe.tokenizer.apply_chat_template(prompt, tokenize=False)
+    return room_for(pipe.model.config, len(pipe.tokenizer(text).input_ids), wanted)
 
 
 def pipeline_generate(output_dir: str | Path, prompts: list[str], max_new_tokens: int = 32, raw: bool = False) -> list[str]:
     """Generate with a stock `transformers.pipeline` loading the output directory (model or adapter)."""
     pipe = load_pipeline(output_dir)
     texts = [p if raw else prompt_for(output_dir, p) for p in prompts]
-    outs = [pipe(t, max_new_tokens=room_for(pipe.model.config, len(pipe.tokenizer(t).input_ids), max_new_tokens),
-                 do_sample=False, return_full_text=False) for t in texts]
+    outs = [pipe(t, max_new_tokens=_room(pipe, t, max_new_tokens), do_sample=False, return_full_text=False) for t in texts]
     return [o[0]["generated_text"] for o in outs]
 
 

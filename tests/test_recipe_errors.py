@@ -87,7 +87,7 @@ def test_inconsistent_sections(tmp_path, good):
 
 def test_missing_required_section(tmp_path, good):
     del good["data"]
-    assert "data: required key is missing" in _error(tmp_path, good)
+    assert "data: task sft needs a data section (data.source at least)" in _error(tmp_path, good)
 
 
 def test_unknown_recipe_name_suggests_a_shipped_one():

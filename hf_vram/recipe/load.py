@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,9 @@ def _schema_fields(loc: tuple) -> list[str]:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return []
         ann = model.model_fields[part].annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        # An optional section (data: DataSection | None) names its model inside the union.
+        candidates = [a for a in (typing.get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = candidates[0] if candidates else None
     return list(model.model_fields) if model is not None else []
 
 
@@ -206,7 +209,7 @@ def _check_references(recipe: Recipe, origins: dict[str, str], source: str) -> l
     def at(key: str) -> str:
         return origins.get(key, source)
 
-    src = recipe.data.source
+    src = recipe.data.source if recipe.data else ""
     if src.startswith("builtin:"):
         name = src.removeprefix("builtin:")
         if name not in BUILTIN_SOURCES:
@@ -218,13 +221,16 @@ def _check_references(recipe: Recipe, origins: dict[str, str], source: str) -> l
         if recipe.task != "pretrain":
             problems.append(f"{at('data.source')}: data.source: a URL is read by task pretrain only; download the file "
                             "and give its path")
-    elif src.endswith(tuple(LOADERS)) or src.startswith((".", "/", "~")):
+    elif src and (src.endswith(tuple(LOADERS)) or src.startswith((".", "/", "~"))):
         if not Path(src).expanduser().exists():
             problems.append(
                 f"{at('data.source')}: data.source: file '{src}' does not exist (relative paths are read from the "
                 "current directory; give a Hub dataset id without a file suffix to load from the Hub)"
             )
-    for key, ref in (("model.name_or_path", recipe.model.name_or_path), ("tokenizer.name_or_path", recipe.tokenizer.name_or_path)):
+    refs = [("model.name_or_path", recipe.model.name_or_path), ("tokenizer.name_or_path", recipe.tokenizer.name_or_path)]
+    if recipe.moe:
+        refs += [(f"moe.experts.{i}.source_model", e.source_model) for i, e in enumerate(recipe.moe.experts)]
+    for key, ref in refs:
         if not ref:
             continue
         if ref.startswith("recipe:"):

@@ -224,18 +224,45 @@ class HubSection(Section):
         return value
 
 
+class ExpertSection(Section):
+    # A dense checkpoint of the base's architecture whose MLPs become one expert: Hub id, local directory, or
+    # recipe:NAME (that recipe's output, trained first when missing).
+    source_model: str
+    # Prompts this expert should handle: with gate_mode hidden or cheap_embed they set its router rows.
+    positive_prompts: list[str] = Field(default_factory=list)
+    # Prompts it should not handle (subtracted, as mergekit-moe does).
+    negative_prompts: list[str] = Field(default_factory=list)
+
+
+class MoESection(Section):
+    # task assemble: a Mixtral-style mixture of experts from dense checkpoints of one Llama/Mistral architecture
+    # (mergekit-moe's job): attention, norms and embeddings from model.name_or_path, expert i's MLP from
+    # experts[i].source_model. `hf-vram assemble` also reads mergekit-moe's own YAML.
+    experts: list[ExpertSection] = Field(min_length=2)
+    # Router initialisation: hidden = each expert's positive prompts' hidden states per layer (the base model's);
+    # cheap_embed = their token embeddings only; random = random rows (to be trained).
+    gate_mode: Literal["hidden", "cheap_embed", "random"] = "hidden"
+    # Experts each token is routed to.
+    experts_per_token: int = Field(2, ge=1)
+    # Dtype the assembled weights are saved in.
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
 class Recipe(Section):
     # One line shown by `hf-vram recipes` and in the model card.
     description: str = ""
     # Kind of training: sft = causal language modelling on text, instructions or chats (trl's SFTTrainer);
     # dpo = preference optimisation on chosen/rejected pairs (trl's DPOTrainer); pretrain = next-token prediction
-    # on a corpus tokenized once into memory-mapped token shards (data_prep/shards.py; transformers' Trainer).
-    task: Literal["sft", "dpo", "pretrain"] = "sft"
+    # on a corpus tokenized once into memory-mapped token shards (data_prep/shards.py; transformers' Trainer);
+    # assemble = no training: a mixture of experts built from dense checkpoints (section moe).
+    task: Literal["sft", "dpo", "pretrain", "assemble"] = "sft"
     model: ModelSection
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     quant: QuantSection = Field(default_factory=QuantSection)
     adapter: AdapterSection = Field(default_factory=AdapterSection)
-    data: DataSection
+    # What to train on (every task but assemble).
+    data: DataSection | None = None
+    moe: MoESection | None = None
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     dpo: DPOSection = Field(default_factory=DPOSection)
@@ -243,6 +270,17 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        if self.task == "assemble":
+            if self.moe is None or not self.model.name_or_path:
+                raise ValueError("moe: task assemble needs a moe section (experts) and model.name_or_path (the base)")
+            if self.data is not None or self.quant.bits or self.adapter.type != "none":
+                raise ValueError("task: assemble trains nothing: leave out data, quant and adapter (fine-tune the "
+                                 "assembled model in a recipe with model.name_or_path: recipe:NAME)")
+            return self
+        if self.moe is not None:
+            raise ValueError("moe: the moe section is for task: assemble")
+        if self.data is None:
+            raise ValueError(f"data: task {self.task} needs a data section (data.source at least)")
         if self.quant.bits and self.adapter.type == "none":
             raise ValueError("quant.bits: a quantized base cannot be trained in full: set adapter.type: lora (QLoRA)")
         if self.quant.bits and self.model.arch:

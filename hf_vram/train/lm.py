@@ -306,6 +306,10 @@ def train(loaded: LoadedRecipe) -> dict:
             flush=True,
         )
         return json.loads((loaded.output_dir / SUMMARY).read_text())
+    if loaded.recipe.task == "assemble":
+        from hf_vram.train.assemble import assemble_recipe
+
+        return assemble_recipe(loaded)
     if torch.cuda.is_available():
         from hf_vram.vram.estimate import ConfigUnavailable
         from hf_vram.vram.plan import current_gpu, preflight

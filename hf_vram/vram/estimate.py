@@ -392,8 +392,6 @@ def resolve_config(loaded: LoadedRecipe):
     recipe itself for a model built from scratch, or from hf-vram's table of known bases when offline."""
     from transformers import AutoConfig
 
-    from hf_vram.vram.known_configs import KNOWN_CONFIGS
-
     r = loaded.recipe
     if r.model.arch:
         import hf_vram.models  # noqa: F401  (architectures hf-vram adds, RetNet, register with AutoConfig)
@@ -405,7 +403,30 @@ def resolve_config(loaded: LoadedRecipe):
         elif r.tokenizer.name_or_path:
             config.vocab_size = _tokenizer_size(r.tokenizer.name_or_path, config.vocab_size)
         return config
-    ref = r.model.name_or_path
+    if r.task == "assemble":
+        return assembled_config(_config_of(loaded, r.model.name_or_path), len(r.moe.experts), r.moe.experts_per_token)
+    return _config_of(loaded, r.model.name_or_path)
+
+
+def assembled_config(dense, experts: int, top_k: int):
+    """The Mixtral config of a mixture of experts assembled from dense Llama/Mistral checkpoints of `dense`'s shape:
+    the same blocks with `experts` MLPs per layer, `top_k` of them per token."""
+    from transformers import MixtralConfig
+
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+            "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act")
+    fields = {k: getattr(dense, k) for k in keep if getattr(dense, k, None) is not None}
+    return MixtralConfig(**fields, num_local_experts=experts, num_experts_per_tok=top_k, sliding_window=None)
+
+
+def _config_of(loaded: LoadedRecipe, ref: str):
+    """The config of a pretrained model reference: a local folder or Hub id, hf-vram's table of known bases when
+    offline, or another recipe's output (planned from that recipe when it is not trained yet)."""
+    from transformers import AutoConfig
+
+    from hf_vram.vram.known_configs import KNOWN_CONFIGS
+
     if ref.startswith("recipe:"):
         from hf_vram.recipe.load import find_recipe, load_recipe
 

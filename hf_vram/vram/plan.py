@@ -109,6 +109,12 @@ def table_rows(gpu: GPU) -> list[dict]:
     for name, path in shipped_recipes().items():
         loaded = load_recipe(str(path))
         r = loaded.recipe
+        if r.task == "assemble":
+            # Nothing trains: the experts are copied into one model on the CPU; its fine-tune has its own row.
+            config = resolve_config(loaded)
+            rows.append({"recipe": name, "kind": "assemble", "parameters": count_parameters(config, r).total,
+                         "predicted_peak_gib": "-", "fits": "-", "predicted_hours": None})
+            continue
         inputs = planning_inputs(loaded)
         plan = plan_recipe(loaded, gpu, inputs)
         fitted = "" if plan.fits else " ".join(fit_overrides(loaded, gpu, inputs)[0]) or "no setting fits"
