@@ -208,11 +208,13 @@ def ternary_fraction(model) -> dict[str, float]:
 def export_packed(model, output_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
     """Write the trained model as a packed BitNet checkpoint that `AutoModelForCausalLM.from_pretrained` loads.
 
-    Each AutoBitLinear weight becomes what transformers' `BitLinear` holds (the layout of
-    microsoft/bitnet-b1.58-2B-4T): `weight`, uint8 of shape (out_features / 4, in_features) with four ternary rows
-    per byte from `pack_weights`, and `weight_scale`, shape (1,), the reciprocal absmean. The per-layer RMSNorm
-    weights, embeddings, norms and lm_head are saved as they are, in `dtype` (default: the model's; bf16 halves
-    them, as 2B4T ships). config.json carries BitNetQuantConfig(bitlinear, offline) with the same norm setting.
+    Each AutoBitLinear weight becomes the two buffers transformers' `BitLinear` loads: `weight`, uint8 of shape
+    (out_features / 4, in_features), four ternary rows a byte from `pack_weights` (row r of the first quarter with
+    rows r + out/4, r + out/2, r + 3 out/4 in its higher bit pairs; microsoft/bitnet-b1.58-2B-4T's packed weights
+    have this shape), and `weight_scale`, shape (1,): BitLinear divides its integer product by it, so it is the
+    reciprocal of the absmean. The per-layer RMSNorm weights, embeddings, norms and lm_head are saved as they are,
+    in `dtype` (default: the model's; bfloat16 halves them, as 2B4T ships them). config.json carries
+    BitNetQuantConfig(bitlinear, offline) with the norm setting of the training layers.
     """
     output_dir = Path(output_dir)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, AutoBitLinear)}
@@ -220,10 +222,21 @@ def export_packed(model, output_dir: str | Path, tokenizer=None, dtype: torch.dt
         raise ValueError("no AutoBitLinear layers: export_packed takes a model converted by to_bitlinear")
     norms = {(m.rms_norm is not None, getattr(m.rms_norm, "variance_epsilon", None)) for m in layers.values()}
     if len(norms) != 1:
-        raise ValueError("the AutoBitLinear layers differ in their RMSNorm: one quantization_config cannot describe them")
+        raise ValueError("the AutoBitLinear layers differ in their RMSNorm: one quantization_config cannot say both")
     (use_rms_norm, eps), = norms
     dtype = dtype or model.dtype
-    state = {k: (t.detach().to(dtype) if t.is_floating_point() else t.detach()) for k, t in model.state_dict().items()}
+    packed_keys = {f"{name}.weight" for name in layers}
+    # One CPU copy per storage: tied tensors (embeddings and lm_head) stay one tensor, which save_pretrained then
+    # writes once; the fp32 masters of the packed layers are not copied at all.
+    copies: dict[tuple, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        if key in packed_keys:
+            continue
+        ident = (tensor.data_ptr(), tuple(tensor.shape))
+        if ident not in copies:
+            copies[ident] = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype)
+        state[key] = copies[ident]
     for name, module in layers.items():
         if module.out_features % VALUES_PER_ITEM:
             # BitLinear allocates out_features // 4 packed rows; pack_weights would pad instead and not load.
@@ -231,7 +244,6 @@ def export_packed(model, output_dir: str | Path, tokenizer=None, dtype: torch.dt
         ternary, scale = absmean_ternary(module.weight)
         state[f"{name}.weight"] = pack_weights(ternary).cpu()
         state[f"{name}.weight_scale"] = scale.reshape(1).to(dtype).cpu()
-    state = {k: t.cpu() for k, t in state.items()}
     _, rest = _linear_names(model)
     quant = BitNetQuantConfig(
         linear_class="bitlinear",
@@ -259,14 +271,14 @@ def export_packed(model, output_dir: str | Path, tokenizer=None, dtype: torch.dt
 #
 # Sources: "The Era of 1-bit LLMs: Training Tips, Code and FAQ" (S. Ma, H. Wang, F. Wei et al., Microsoft, 2024;
 # github.com/microsoft/unilm, bitnet/) and the "BitNet b1.58 2B4T Technical Report" (arXiv 2504.12285, sections
-# 3.1.1 and 3.1.2). Both: a 1-bit model trains stably at a higher peak learning rate than an FP16 model of the same
-# size, and gains from dropping the learning rate at mid-training and switching weight decay off for the second
-# half. The 2B4T report: stage 1 "a standard cosine decay schedule ... with a relatively high peak learning rate";
-# stage 2 ("cooldown"), "approximately midway through the planned training token count, the learning rate was
-# abruptly decayed and subsequently maintained via a cosine schedule with a significantly lower peak value"; weight
-# decay "followed a cosine schedule, reaching a peak value of 0.1" in stage 1 and was "effectively disabled (set to
-# zero)" in stage 2. Neither the report's text nor this module gives a peak learning rate: it is the optimizer's
-# lr, chosen by the caller (several times an FP16 model's).
+# 3.1.1 and 3.1.2). The training tips: a 1-bit model trains stably at a higher learning rate than an FP16 model of
+# the same size, and gains from a two-stage schedule that drops the learning rate at mid-training and switches
+# weight decay off for the second half. The 2B4T report, quoted: stage 1 "a standard cosine decay schedule ... with
+# a relatively high peak learning rate"; stage 2 ("cooldown"), "approximately midway through the planned training
+# token count, the learning rate was abruptly decayed and subsequently maintained via a cosine schedule with a
+# significantly lower peak value"; weight decay "followed a cosine schedule, reaching a peak value of 0.1" in stage
+# 1 and was "effectively disabled (set to zero)" in stage 2. The report's text gives no learning-rate values: the
+# peak is the optimizer's lr, chosen by the caller (higher than an FP16 model of that size would use).
 #
 # What is chosen here, where the sources give no number:
 # - stage 1 is the cosine planned over the whole run and cut at the switch (so it ends near half the peak when the
