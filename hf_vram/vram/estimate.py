@@ -347,6 +347,9 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     settings = {k: getattr(t, k) for k in ("micro_batch_size", "grad_accum", "gradient_checkpointing", "optimizer")}
     settings["max_length"] = seq
     notes = []
+    if getattr(config, "num_local_experts", None) and recipe.quant.bits:
+        notes.append("bitsandbytes quantizes nn.Linear layers only: the experts' 3-D weights stay unquantized (fp32 "
+                     "after peft's prepare_model_for_kbit_training), and they are most of a mixture of experts")
     if counts.adapted_expert_values:
         copy = counts.adapted_expert_values * act / GiB
         notes.append(f"LoRA on the experts: peft adds BA to every expert weight in each forward and keeps the sum for "
