@@ -158,8 +158,9 @@ def _cmd_plan(args) -> int:
     if args.fit:
         changes, fitted = fit_overrides(loaded, gpu, inputs)
         if fitted is None or not fitted.fits:
+            fix = "a smaller model" if loaded.recipe.model.arch else "quantizing the base (quant.bits: 4)"
             print(f"--fit: no micro-batch, checkpointing or optimizer setting fits {gpu.name}; shorten data.max_length "
-                  "or quantize the base (quant.bits: 4)")
+                  f"or try {fix}")
             return 1
         if not changes:
             print("--fit: the recipe fits as it is")

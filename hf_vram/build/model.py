@@ -67,6 +67,12 @@ def build_model(recipe: Recipe, tokenizer, model_path: str | None, added_token_i
         torch.manual_seed(recipe.train.seed)
         config = scratch_config(recipe, tokenizer)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_for(config, m.attn_implementation))
+        if config.model_type == "bitnet":
+            from hf_vram.models.bitnet import to_bitlinear
+
+            # Ternary training layers (fp32 masters quantised in every forward). BitNet's blocks already norm the
+            # inputs of o_proj and down_proj (its sub-norms), as the b1.58 models do: no extra norm per layer.
+            to_bitlinear(model, use_rms_norm=False)
         if getattr(model, "loss_type", None) is None:
             # Some models (GPT-2) leave it unset; the Trainer then divides the summed loss by every label, T per
             # row, where a causal LM predicts T - 1: the loss and gradients would be scaled by (T - 1) / T.

@@ -24,7 +24,8 @@ def _common(recipe: Recipe, output_dir: str, has_eval: bool) -> dict:
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
         learning_rate=t.lr,
-        lr_scheduler_type=t.lr_scheduler,
+        # two_stage is built by the trainer itself (train/guard.py); transformers only knows its own schedules.
+        lr_scheduler_type="constant" if t.lr_scheduler == "two_stage" else t.lr_scheduler,
         lr_scheduler_kwargs={"min_lr": t.min_lr} if t.lr_scheduler == "cosine_with_min_lr" else None,
         adam_beta2=t.adam_beta2,
         warmup_steps=t.warmup,

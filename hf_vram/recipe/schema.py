@@ -148,7 +148,9 @@ class TrainSection(Section):
     # Peak learning rate.
     lr: float = Field(2e-4, gt=0)
     # Learning-rate schedule after warmup.
-    lr_scheduler: Literal["cosine", "cosine_with_min_lr", "linear", "constant", "constant_with_warmup"] = "cosine"
+    # two_stage = BitNet b1.58's: cosine, then at mid-training a drop to 0.3 of the peak and a second cosine, with
+    # weight decay switched off for the second half (hf_vram/models/bitnet.py gives the sources).
+    lr_scheduler: Literal["cosine", "cosine_with_min_lr", "linear", "constant", "constant_with_warmup", "two_stage"] = "cosine"
     # cosine_with_min_lr: the learning rate the decay ends at (nanoGPT and llm.c decay to a tenth of the peak).
     min_lr: float | None = Field(None, ge=0)
     # AdamW's beta2: 0.999 by default; small-data and large-batch recipes use 0.99 (nanoGPT) or 0.95 (llm.c, GPT-3).

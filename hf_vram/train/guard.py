@@ -63,10 +63,6 @@ class _Perplexity:
         return metrics
 
 
-class GuardedSFTTrainer(_Guard, _Perplexity, SFTTrainer):
-    pass
-
-
 class GuardedDPOTrainer(_Guard, DPOTrainer):
     pass
 
@@ -82,7 +78,28 @@ def expert_load(router_logits, top_k: int) -> torch.Tensor:
     return torch.stack(loads)
 
 
-class GuardedTrainer(_Guard, _Perplexity, Trainer):
+class _TwoStage:
+    """train.lr_scheduler: two_stage (BitNet b1.58's schedule, hf_vram/models/bitnet.py), which transformers lacks;
+    the runner adds the callback that drops weight decay in the second stage."""
+
+    two_stage = False
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.two_stage and self.lr_scheduler is None:
+            from hf_vram.models.bitnet import two_stage_schedule
+
+            self.lr_scheduler = two_stage_schedule(optimizer or self.optimizer, num_training_steps,
+                                                   self.args.get_warmup_steps(num_training_steps),
+                                                   weight_decay=self.args.weight_decay)
+            self._created_lr_scheduler = True
+        return super().create_scheduler(num_training_steps, optimizer)
+
+
+class GuardedSFTTrainer(_TwoStage, _Guard, _Perplexity, SFTTrainer):
+    pass
+
+
+class GuardedTrainer(_TwoStage, _Guard, _Perplexity, Trainer):
     """transformers' Trainer for pretraining from token shards. For a mixture of experts (a config with
     output_router_logits, so that the model adds its load-balancing loss to the loss), the auxiliary loss and
     the expert load are averaged over the steps between two logs: `moe_aux_loss`, and `moe_load_max` /

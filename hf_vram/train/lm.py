@@ -179,6 +179,10 @@ def prepare(loaded: LoadedRecipe) -> Run:
         from transformers import default_data_collator
 
         extra["data_collator"] = default_data_collator  # equal-length blocks: stacked, nothing to pad
+    if recipe.train.lr_scheduler == "two_stage":
+        from hf_vram.models.bitnet import DropWeightDecayInStage2
+
+        callbacks.append(DropWeightDecayInStage2())
     trainer = trainer_class(
         model=model,
         args=args,
@@ -188,6 +192,7 @@ def prepare(loaded: LoadedRecipe) -> Run:
         callbacks=callbacks,
         **extra,
     )
+    trainer.two_stage = recipe.train.lr_scheduler == "two_stage"
     expose_bias_of_trainable_tokens(trainer.model)
     trainable, total = count_parameters(trainer.model)
     if recipe.adapter.type == "llama-adapter":
@@ -270,6 +275,14 @@ def fit(run: Run) -> dict:
         # The vocabulary grew (a chat template's tokens): save the resized embedding and output layers whole.
         # peft decides this by comparing with the base's config, which it cannot read offline for a Hub base.
         trainer.model.save_pretrained(str(out), save_embedding_layers=True)
+    if main and trainer.model.config.model_type == "bitnet":
+        from hf_vram.models.bitnet import export_packed, ternary_fraction
+
+        # The output holds the fp32 masters (to train further); packed/ the ternary weights for inference.
+        export_packed(trainer.model, out / "packed", tokenizer=run.tokenizer)
+        summary["ternary_fraction"] = ternary_fraction(trainer.model)
+        print(f"[hf-vram] packed ternary export in {out / 'packed'} (weights -1/0/+1: {summary['ternary_fraction']})",
+              flush=True)
     if not main:
         return summary
     if scorable(recipe):

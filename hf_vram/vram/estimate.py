@@ -358,6 +358,11 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     if config.model_type == "mamba":
         notes.append("mamba: transformers' pure-torch scan, which keeps (inner x state) tensors per token; mamba-ssm's "
                      "CUDA kernels, when installed, keep far less, so this is an upper bound there")
+    if config.model_type == "bitnet":
+        packed = (counts.block_linear / 4 + counts.other * 2) / GiB
+        notes.append(f"bitnet: ternary only in the forward; training keeps fp32 master weights, gradients and AdamW "
+                     f"states like any full training (the quantised copies of weights and activations not counted). "
+                     f"The packed export for inference: {packed:.2f} GiB (2 bits per block weight, the rest bf16)")
     if config.model_type not in CHECKED_FAMILIES:
         notes.append(f"{config.model_type}: activations are counted as for a Llama block; bench/vram_accuracy.py has "
                      f"checked {', '.join(CHECKED_FAMILIES)} only")

@@ -44,4 +44,5 @@ KNOWN_TOKENIZER_SIZES = {
     "openai-community/gpt2": 50257,
     "gpt2": 50257,
     "EleutherAI/gpt-neox-20b": 50277,
+    "NousResearch/Llama-2-7b-hf": 32000,
 }
