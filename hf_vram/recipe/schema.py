@@ -86,6 +86,23 @@ class AdapterSection(Section):
     prompt_layers: int = Field(30, ge=1)
 
 
+class ImageSection(Section):
+    # task diffusion: images are resized so that their short side is `resolution`, then cropped square.
+    resolution: int = Field(64, ge=8)
+    # Crop the centre (else a random square, a mild augmentation).
+    center_crop: bool = True
+    # Flip half of the images left-right (augmentation; off for digits and text, whose mirror images differ).
+    random_flip: bool = False
+    # Colour channels the model sees: 3 (RGB) or 1 (grayscale).
+    channels: Literal[1, 3] = 3
+    # Column holding the image (Hub datasets and imagefolder: "image"; CIFAR-10 on the Hub: "img").
+    image_field: str = "image"
+    # Column holding a caption (text-to-image); empty = none.
+    caption_field: str | None = None
+    # Column holding an integer class label (class-conditional models); empty = none.
+    label_field: str | None = None
+
+
 class DataSection(Section):
     # A local file (.json, .jsonl, .csv, .parquet, .txt), a Hub dataset id, or builtin:NAME
     # (data the project generates; see `hf-vram recipes`).
@@ -93,7 +110,11 @@ class DataSection(Section):
     # Record layout: text (one text field: pretraining), alpaca (instruction/input/output), sharegpt
     # (conversations of from/value), messages (role/content), prompt_completion (prompt/completion), or
     # preference (chosen/rejected pairs, for task: dpo). A record that does not fit is an error.
-    format: Literal["text", "alpaca", "sharegpt", "messages", "prompt_completion", "preference"] = "text"
+    # images (task diffusion): an image folder (the imagefolder convention: captions/labels in metadata.jsonl), a Hub
+    # image dataset, or builtin:digits (scikit-learn's 1,797 handwritten digits, offline).
+    format: Literal["text", "alpaca", "sharegpt", "messages", "prompt_completion", "preference", "images"] = "text"
+    # format images: how images are read, sized and labelled.
+    images: ImageSection | None = None
     # Configuration of a Hub dataset that has several (load_dataset's second argument, e.g. smoltalk's "all").
     subset: str | None = None
     # Dataset split to train on (Hub datasets and builtin sources).
@@ -226,6 +247,47 @@ class HubSection(Section):
         return value
 
 
+class DiffusionSection(Section):
+    # What the model is conditioned on: none (unconditional), class (data.images.label_field), text (captions).
+    conditioning: Literal["none", "class", "text"] = "none"
+    # Classes of a class-conditional model; empty = read from the data.
+    num_classes: int | None = Field(None, ge=2)
+    # Frozen pretrained text encoder (Hub id or folder, e.g. openai/clip-vit-base-patch32, google/t5-v1_1-small);
+    # empty with conditioning text = a small CLIP text encoder trained from scratch with the model.
+    text_encoder: str | None = None
+    # Longest caption in tokens.
+    max_caption_length: int = Field(32, ge=4)
+    # Frozen pretrained VAE (Hub id or folder, e.g. stabilityai/sd-vae-ft-mse): the model learns in its latent space;
+    # empty = pixel space.
+    vae: str | None = None
+    # Noise schedule of training (diffusers' DDPMScheduler): linear (DDPM's), squaredcos_cap_v2 (cosine), scaled_linear.
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    # Diffusion steps of the noise schedule.
+    num_train_timesteps: int = Field(1000, ge=10)
+    # What the model predicts: the noise (epsilon, DDPM's) or v (v-prediction, better at high noise).
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # Min-SNR loss weighting (Hang et al. 2023) with this gamma (5 is the paper's); empty = plain MSE.
+    snr_gamma: float | None = Field(None, gt=0)
+    # Scheduler of the saved pipeline and of sampling: ddpm (1000 steps by default) or ddim (few steps).
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    # Denoising steps when sampling.
+    inference_steps: int = Field(50, ge=1)
+    # Classifier-free guidance: conditions dropped this often in training ...
+    cond_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # ... and this guidance scale when sampling (1 = none).
+    guidance_scale: float = Field(3.0, ge=1.0)
+    # Keep an exponential moving average of the weights (saved as the pipeline's model).
+    ema: bool = True
+    # Its decay per step.
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    # Write a grid of samples (PNG) every N steps and at the end; empty = at the end only.
+    sample_every: int | None = Field(None, ge=1)
+    # Images in the grid (classes or prompts cycle through it).
+    num_samples: int = Field(16, ge=1)
+    # Prompts of the sample grid (text conditioning).
+    sample_prompts: list[str] = Field(default_factory=list)
+
+
 class ExpertSection(Section):
     # A dense checkpoint of the base's architecture whose MLPs become one expert: Hub id, local directory, or
     # recipe:NAME (that recipe's output, trained first when missing).
@@ -257,7 +319,8 @@ class Recipe(Section):
     # dpo = preference optimisation on chosen/rejected pairs (trl's DPOTrainer); pretrain = next-token prediction
     # on a corpus tokenized once into memory-mapped token shards (data_prep/shards.py; transformers' Trainer);
     # assemble = no training: a mixture of experts built from dense checkpoints (section moe).
-    task: Literal["sft", "dpo", "pretrain", "assemble"] = "sft"
+    # diffusion = images from noise (diffusers models and schedulers, an Accelerate loop; section diffusion).
+    task: Literal["sft", "dpo", "pretrain", "assemble", "diffusion"] = "sft"
     model: ModelSection
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     quant: QuantSection = Field(default_factory=QuantSection)
@@ -265,6 +328,7 @@ class Recipe(Section):
     # What to train on (every task but assemble).
     data: DataSection | None = None
     moe: MoESection | None = None
+    diffusion: DiffusionSection | None = None
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     dpo: DPOSection = Field(default_factory=DPOSection)
@@ -281,6 +345,10 @@ class Recipe(Section):
             return self
         if self.moe is not None:
             raise ValueError("moe: the moe section is for task: assemble")
+        if (self.task == "diffusion") != (self.diffusion is not None):
+            raise ValueError("diffusion: task diffusion needs a diffusion section, and the section is for that task only")
+        if self.task == "diffusion" and (self.data is None or self.data.format != "images"):
+            raise ValueError("data.format: task diffusion trains on format images")
         if self.data is None:
             raise ValueError(f"data: task {self.task} needs a data section (data.source at least)")
         if self.quant.bits and self.adapter.type == "none":
