@@ -37,6 +37,12 @@ def _validate_one(ref: str, overrides: list[str]) -> str:
     if r.task == "assemble":
         return (f"ok: {loaded.path} (assemble: {len(r.moe.experts)} experts, top-{r.moe.experts_per_token}, router "
                 f"{r.moe.gate_mode}, on {r.model.name_or_path}; output {loaded.output_dir})")
+    if r.task == "diffusion":
+        d = r.diffusion
+        size = r.data.images.resolution if r.data.images else 64
+        return (f"ok: {loaded.path} (diffusion: {r.model.arch} from scratch, {d.conditioning} conditioning, "
+                f"{'latents of ' + d.vae if d.vae else 'pixel space'}; data {r.data.source} at {size}px; "
+                f"output {loaded.output_dir})")
     kind = f"{r.adapter.type} adapter on {r.model.name_or_path}" if r.adapter.type != "none" else (
         f"{r.model.arch} from scratch" if r.model.arch else f"full fine-tune of {r.model.name_or_path}"
     )
@@ -148,6 +154,10 @@ def _cmd_plan(args) -> int:
 
     gpu = get_gpu(args.gpu)
     loaded = load_recipe(args.recipe, args.overrides)
+    if loaded.recipe.task == "diffusion":
+        print(f"{loaded.name}: task diffusion is not planned yet (hf-vram plan models language models); `hf-vram table` "
+              "counts its parameters")
+        return 0
     if loaded.recipe.task == "assemble":
         print(f"{loaded.name}: task assemble trains nothing (the experts are copied into one model on the CPU); plan "
               "the recipe that fine-tunes its output (model.name_or_path: recipe:NAME)")
@@ -193,10 +203,34 @@ def _cmd_generate(args) -> int:
     from hf_vram.generate import pipeline_generate
 
     out = Path(args.output_dir)
+    if (out / "model_index.json").is_file():
+        return _generate_images(out, args.prompt)
     if not (out / "config.json").is_file() and not (out / "adapter_config.json").is_file():
         raise UserError(f"{out}: not a trained output (no config.json or adapter_config.json); run `hf-vram train` first")
     for text in pipeline_generate(out, [args.prompt], args.max_new_tokens, raw=args.raw):
         print(text)
+    return 0
+
+
+def _generate_images(out: Path, prompt: str) -> int:
+    """A diffusion output: images from its saved pipeline into OUTPUT_DIR/generated/ (the prompt names a class of
+    a class-conditional pipeline, or "" for an unconditional one)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from data_prep.images import save_grid
+
+    pipe = DiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    if type(pipe).__name__ == "DiTPipeline":
+        images = pipe(class_labels=pipe.get_label_ids([prompt] * 4), generator=generator).images
+    elif hasattr(pipe, "tokenizer"):
+        images = pipe([prompt] * 4, generator=generator).images
+    else:
+        images = pipe(batch_size=4, generator=generator).images
+    name = "".join(c if c.isalnum() else "-" for c in prompt)[:40] or "samples"
+    print(save_grid(images, out / "generated" / f"{name}.png"))
     return 0
 
 

@@ -210,7 +210,13 @@ def _check_references(recipe: Recipe, origins: dict[str, str], source: str) -> l
         return origins.get(key, source)
 
     src = recipe.data.source if recipe.data else ""
-    if src.startswith("builtin:"):
+    if src.startswith("builtin:") and recipe.data.format == "images":
+        from data_prep.images import BUILTIN_IMAGE_SOURCES
+
+        if src not in BUILTIN_IMAGE_SOURCES:
+            problems.append(f"{at('data.source')}: data.source: no builtin image source '{src}'"
+                            f"{did_you_mean(src, BUILTIN_IMAGE_SOURCES)}; builtin: {', '.join(BUILTIN_IMAGE_SOURCES)}")
+    elif src.startswith("builtin:"):
         name = src.removeprefix("builtin:")
         if name not in BUILTIN_SOURCES:
             problems.append(
@@ -228,6 +234,8 @@ def _check_references(recipe: Recipe, origins: dict[str, str], source: str) -> l
                 "current directory; give a Hub dataset id without a file suffix to load from the Hub)"
             )
     refs = [("model.name_or_path", recipe.model.name_or_path), ("tokenizer.name_or_path", recipe.tokenizer.name_or_path)]
+    if recipe.diffusion:
+        refs += [("diffusion.vae", recipe.diffusion.vae), ("diffusion.text_encoder", recipe.diffusion.text_encoder)]
     if recipe.moe:
         refs += [(f"moe.experts.{i}.source_model", e.source_model) for i, e in enumerate(recipe.moe.experts)]
     for key, ref in refs:
@@ -253,6 +261,8 @@ def _check_model_config(recipe: Recipe, at) -> list[str]:
     from transformers import CONFIG_MAPPING
 
     arch = recipe.model.arch
+    if recipe.task == "diffusion":
+        return _check_diffusion_config(recipe, at)
     if arch not in CONFIG_MAPPING:
         import hf_vram.models  # noqa: F401  (architectures hf-vram adds, RetNet, register themselves)
     if arch not in CONFIG_MAPPING:
@@ -276,6 +286,26 @@ def _check_model_config(recipe: Recipe, at) -> list[str]:
                 f"{at('model.config.' + key)}: model.config.{key}: not a field of {config_cls.__name__}"
                 f"{did_you_mean(key, known)}"
             )
+    return problems
+
+
+def _check_diffusion_config(recipe: Recipe, at) -> list[str]:
+    """task diffusion: model.arch names a diffusers model class; model.config keys are parameters of its __init__."""
+    from hf_vram.build.diffusion import ALL_ARCHS, DERIVED_KEYS, config_keys, model_class
+
+    arch = recipe.model.arch
+    if arch not in ALL_ARCHS:
+        return [f"{at('model.arch')}: model.arch: unknown diffusion architecture '{arch}'{did_you_mean(arch, ALL_ARCHS)}; "
+                f"one of {', '.join(ALL_ARCHS)}"]
+    known = config_keys(arch)
+    problems = []
+    for key in recipe.model.config:
+        if key not in known:
+            problems.append(f"{at('model.config.' + key)}: model.config.{key}: not a parameter of "
+                            f"{model_class(arch).__name__}{did_you_mean(key, known)}")
+        elif key in DERIVED_KEYS and key != "sample_size":
+            problems.append(f"{at('model.config.' + key)}: model.config.{key}: hf-vram sets it from the data, the VAE "
+                            "and the pipeline; leave it out")
     return problems
 
 

@@ -351,6 +351,8 @@ class Recipe(Section):
             raise ValueError("data.format: task diffusion trains on format images")
         if self.data is None:
             raise ValueError(f"data: task {self.task} needs a data section (data.source at least)")
+        if self.task == "diffusion":
+            return self._consistent_diffusion()
         if self.quant.bits and self.adapter.type == "none":
             raise ValueError("quant.bits: a quantized base cannot be trained in full: set adapter.type: lora (QLoRA)")
         if self.quant.bits and self.model.arch:
@@ -369,4 +371,30 @@ class Recipe(Section):
             raise ValueError("data.source: task pretrain reads a file, a URL or a Hub dataset; builtin sources are for task sft")
         if self.model.arch and not self.tokenizer.train and not self.tokenizer.name_or_path:
             raise ValueError("tokenizer.train: a model built from scratch needs a tokenizer: set tokenizer.train: true or tokenizer.name_or_path")
+        return self
+
+    def _consistent_diffusion(self) -> Recipe:
+        d, arch = self.diffusion, self.model.arch
+        if not arch:
+            raise ValueError("model.arch: task diffusion builds its model from model.arch + model.config (unet2d, dit, "
+                             "unet2d-condition, pixart); fine-tuning a pretrained pipeline is not supported yet")
+        if self.quant.bits or self.adapter.type != "none":
+            raise ValueError("adapter.type: task diffusion trains every weight of a model built from scratch: leave out "
+                             "quant and adapter")
+        if self.train.lr_scheduler == "two_stage":
+            raise ValueError("train.lr_scheduler: two_stage is BitNet's language-model schedule")
+        if (self.train.lr_scheduler == "cosine_with_min_lr") != (self.train.min_lr is not None):
+            raise ValueError("train.min_lr: set it together with train.lr_scheduler: cosine_with_min_lr (and only then)")
+        if d.conditioning == "class" and arch != "dit":
+            raise ValueError("diffusion.conditioning: conditioning class needs arch dit (DiTPipeline); diffusers has no "
+                             "stock pipeline for a class-conditional unet2d")
+        if arch == "dit" and d.conditioning != "class":
+            raise ValueError("diffusion.conditioning: arch dit is class-conditional: set conditioning: class")
+        if (d.conditioning == "text") != (arch in ("unet2d-condition", "pixart")):
+            raise ValueError(f"diffusion.conditioning: text conditioning goes with arch unet2d-condition or pixart "
+                             f"(got conditioning {d.conditioning} with arch {arch})")
+        if arch in ("dit", "unet2d-condition", "pixart") and not d.vae:
+            # DiTPipeline, StableDiffusionPipeline and PixArtAlphaPipeline always decode with a VAE (build/diffusion.py).
+            raise ValueError(f"diffusion.vae: arch {arch} is saved as a pipeline that decodes latents with a VAE: name a "
+                             "pretrained AutoencoderKL (e.g. stabilityai/sd-vae-ft-mse); only unet2d runs in pixel space")
         return self

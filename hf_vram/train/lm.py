@@ -323,6 +323,10 @@ def train(loaded: LoadedRecipe) -> dict:
         from hf_vram.train.assemble import assemble_recipe
 
         return assemble_recipe(loaded)
+    if loaded.recipe.task == "diffusion":
+        from hf_vram.train.diffusion import train_diffusion
+
+        return train_diffusion(loaded)
     if torch.cuda.is_available():
         from hf_vram.vram.estimate import ConfigUnavailable
         from hf_vram.vram.plan import current_gpu, preflight

@@ -115,6 +115,13 @@ def table_rows(gpu: GPU) -> list[dict]:
             rows.append({"recipe": name, "kind": "assemble", "parameters": count_parameters(config, r).total,
                          "predicted_peak_gib": "-", "fits": "-", "predicted_hours": None})
             continue
+        if r.task == "diffusion":
+            # Not planned yet: the parameters of the diffusers model, built on the meta device.
+            from hf_vram.build.diffusion import count_parameters_meta
+
+            rows.append({"recipe": name, "kind": "diffusion", "parameters": count_parameters_meta(r),
+                         "predicted_peak_gib": "-", "fits": "-", "predicted_hours": None})
+            continue
         inputs = planning_inputs(loaded)
         plan = plan_recipe(loaded, gpu, inputs)
         fitted = "" if plan.fits else " ".join(fit_overrides(loaded, gpu, inputs)[0]) or "no setting fits"

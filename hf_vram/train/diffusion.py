@@ -1,0 +1,389 @@
+"""The diffusion runner (task diffusion): images -> a diffusers model trained to denoise -> a saved pipeline.
+
+diffusers has no trainer; this is an Accelerate loop of the shape of diffusers'
+examples/unconditional_image_generation/train_unconditional.py: DDPMScheduler noise, MSE on the noise (or v), optional
+min-SNR weighting, EMA weights, classifier-free guidance by dropping labels, and sample grids on the way.
+
+The output directory holds the pipeline (`save_pretrained`: model_index.json and one folder per component, EMA weights
+when diffusion.ema), `recipe.yaml`, a model card, samples/step-XXXXXX.png, memory.jsonl (one line per optimizer step),
+TensorBoard logs under logs/, and `train_summary.json`, written last: its presence means the run finished.
+Checkpoints (`accelerator.save_state`) are written to a hidden temporary folder, flushed, marked complete and then
+renamed to checkpoint-N; re-running on the same output directory resumes from the last complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hf_vram.atomic import atomic_write_json, atomic_write_text, fsync_tree
+from hf_vram.recipe.load import LoadedRecipe
+from hf_vram.train.checkpoints import COMPLETE_MARKER, checkpoints, discard_incomplete, latest_complete
+from hf_vram.train.memory import memory_now
+
+SUMMARY = "train_summary.json"
+
+
+def _log(text: str) -> None:
+    print(f"[hf-vram] {text}", flush=True)
+
+
+def mixed_precision(precision: str) -> str:
+    """train.precision -> Accelerate's mixed_precision: auto = bf16 on GPUs that have it, fp16 on older ones, no on CPU."""
+    if precision == "auto":
+        if not torch.cuda.is_available():
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
+
+
+def _optimizer(recipe, params):
+    t = recipe.train
+    kw = dict(lr=t.lr, betas=(0.9, t.adam_beta2), weight_decay=t.weight_decay)
+    if t.optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+        import bitsandbytes as bnb
+
+        cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+               "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[t.optimizer]
+        return cls(params, **kw)
+    return torch.optim.AdamW(params, fused=t.optimizer == "adamw_torch_fused", **kw)
+
+
+def _lr_scheduler(recipe, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    t = recipe.train
+    warmup = int(t.warmup * total_steps) if t.warmup < 1 else int(t.warmup)
+    name = t.lr_scheduler
+    extra = {}
+    if name == "cosine_with_min_lr":
+        extra["scheduler_specific_kwargs"] = {"min_lr": t.min_lr}
+    elif name == "two_stage":
+        raise_user("train.lr_scheduler: two_stage is BitNet's schedule, for language models only")
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, **extra)
+
+
+def raise_user(msg: str):
+    from hf_vram.errors import UserError
+
+    raise UserError(msg)
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
+    """save_state into a temporary folder, flush it, mark it complete, rename it to checkpoint-N, then rotate."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        fsync_tree(tmp)
+        atomic_write_json(tmp / COMPLETE_MARKER, {"step": step})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        complete = [p for _, p, ok in checkpoints(out) if ok]
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _conditions(batch, parts, cond_dropout: float):
+    """Class labels with a fraction replaced by the null class (classifier-free guidance training)."""
+    if parts.conditioning != "class":
+        return None
+    labels = batch["label"].long()
+    if cond_dropout > 0:
+        drop = torch.rand(labels.shape[0], device=labels.device) < cond_dropout
+        labels = torch.where(drop, torch.full_like(labels, parts.null_class), labels)
+    return labels
+
+
+def diffusion_loss(parts, model, latents, labels, snr_gamma: float | None):
+    """Noise the batch at random timesteps and return the (min-SNR weighted) MSE of the model's prediction."""
+    from diffusers.training_utils import compute_snr
+
+    sched = parts.noise_scheduler
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device).long()
+    noisy = sched.add_noise(latents, noise, timesteps)
+    if sched.config.prediction_type == "v_prediction":
+        target = sched.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    from hf_vram.build.diffusion import forward
+
+    pred = forward(parts, model, noisy, timesteps, labels)
+    if snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float())
+    snr = compute_snr(sched, timesteps)
+    weight = torch.clamp(snr, max=snr_gamma)
+    weight = weight / (snr + 1) if sched.config.prediction_type == "v_prediction" else weight / snr
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    return (per_sample * weight).mean()
+
+
+def _sample_grid(parts, model, recipe, data, path: Path, accelerator, ema=None) -> Path:
+    from data_prep.images import sample_classes, save_grid
+    from hf_vram.build.diffusion import generate, make_pipeline
+
+    d = recipe.diffusion
+    unwrapped = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.store(unwrapped.parameters())
+        ema.copy_to(unwrapped.parameters())
+    was_training = unwrapped.training
+    unwrapped.eval()
+    try:
+        pipe = make_pipeline(parts, unwrapped)
+        pipe.set_progress_bar_config(disable=True)
+        labels = sample_classes(data, d.num_samples) if parts.conditioning == "class" else None
+        images = generate(pipe, parts, d.num_samples, d.inference_steps, d.guidance_scale, recipe.train.seed, labels)
+    finally:
+        if ema is not None:
+            ema.restore(unwrapped.parameters())
+        unwrapped.train(was_training)
+    return save_grid(images, path)
+
+
+def _encode(parts, pixel_values):
+    if parts.vae is None:
+        return pixel_values
+    with torch.no_grad():
+        latents = parts.vae.encode(pixel_values.to(parts.vae.dtype)).latent_dist.mode()
+    return latents * parts.vae.config.scaling_factor
+
+
+def model_card(loaded: LoadedRecipe, summary: dict) -> str:
+    """README.md: Hub metadata (library diffusers, pipeline tag, tags) and how the pipeline was trained and is used."""
+    import yaml
+
+    r = loaded.recipe
+    d = r.diffusion
+    tag = "text-to-image" if d.conditioning == "text" else "unconditional-image-generation"
+    meta = {"library_name": "diffusers", "pipeline_tag": tag, "tags": ["hf-vram", loaded.name, "diffusers", r.model.arch]}
+    if r.hub.repo_id:
+        meta["model-index"] = [{"name": r.hub.repo_id}]
+    where = r.hub.repo_id or str(loaded.output_dir)
+    if d.conditioning == "class":
+        call = f"pipe(class_labels=[0, 1, 2, 3], num_inference_steps={d.inference_steps}, guidance_scale={d.guidance_scale}).images"
+    else:
+        call = f"pipe(batch_size=4, num_inference_steps={d.inference_steps}).images"
+    rows = [
+        ("recipe", f"`{loaded.name}` (task diffusion)"),
+        ("model", f"`{r.model.arch}` from scratch, {summary.get('total_params', 0):,} parameters, {d.conditioning} conditioning"),
+        ("data", f"`{r.data.source}` ({summary.get('images')} images at {r.data.images.resolution if r.data.images else '?'} px)"),
+        ("space", f"latents of `{d.vae}`" if d.vae else "pixel space"),
+        ("noise", f"{d.beta_schedule} schedule, {d.num_train_timesteps} steps, {d.prediction_type} prediction"
+                  + (f", min-SNR gamma {d.snr_gamma}" if d.snr_gamma else "")),
+        ("optimizer steps", summary.get("global_step")),
+        ("loss", f"{summary.get('first_loss', 0):.4f} -> {summary.get('final_loss', 0):.4f}"),
+        ("EMA", f"decay {d.ema_decay} (saved weights)" if d.ema else "off"),
+        ("sampler", f"{d.sampler}, {d.inference_steps} steps"),
+    ]
+    if "images_per_second" in summary:
+        rows.append(("throughput", f"{summary['images_per_second']} images/s"))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (
+        "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
+        f"# {loaded.name}\n\n{r.description}\n\nTrained with hf-vram from the recipe `{loaded.name}` (the resolved recipe is `recipe.yaml`).\n\n"
+        "## Usage\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{where}")\nimages = {call}\n```\n\n'
+        f"## Training\n\n| | |\n|---|---|\n{table}\n"
+    )
+
+
+def train_diffusion(loaded: LoadedRecipe) -> dict:
+    """Train (or resume) a task diffusion recipe to the end; returns the summary written to the output directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    from data_prep.images import collate, load_images
+    from hf_vram.build.diffusion import build, make_pipeline
+
+    recipe, out = loaded.recipe, loaded.output_dir
+    d, t, images_cfg = recipe.diffusion, recipe.train, recipe.data.images
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=t.grad_accum,
+        mixed_precision=mixed_precision(t.precision),
+        cpu=not torch.cuda.is_available(),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        log_with="tensorboard" if "tensorboard" in t.report_to else None,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    main = accelerator.is_main_process
+    set_seed(t.seed)
+
+    data = load_images(recipe.data.source, recipe.data.split, images_cfg, recipe.data.max_samples)
+    num_classes = d.num_classes or data.num_classes
+    if d.conditioning == "class" and not num_classes:
+        raise_user("diffusion.conditioning: class needs labels: set data.images.label_field (or use builtin:digits)")
+    sample_px = data.dataset[0]["pixel_values"]
+    parts = build(recipe, channels=sample_px.shape[0], resolution=sample_px.shape[-1], num_classes=num_classes,
+                  class_names=data.class_names or [])
+    model = parts.model
+    if t.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    ema = None
+    if d.ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(model.parameters(), decay=d.ema_decay, model_cls=type(model), model_config=model.config)
+
+    loader = torch.utils.data.DataLoader(data.dataset, batch_size=t.micro_batch_size, shuffle=True,
+                                         collate_fn=collate, drop_last=len(data) >= t.micro_batch_size,
+                                         num_workers=0)
+    updates_per_epoch = max(1, math.ceil(len(loader) / t.grad_accum))
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * updates_per_epoch))
+    optimizer = _optimizer(recipe, model.parameters())
+    lr_scheduler = _lr_scheduler(recipe, optimizer, total_steps)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    if parts.vae is not None:
+        parts.vae.to(accelerator.device)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if t.torch_compile:
+        model = torch.compile(model)
+
+    step, resumed_from = 0, None
+    if main:
+        discard_incomplete(out)
+        atomic_write_text(out / "recipe.yaml", loaded.resolved_yaml())
+    accelerator.wait_for_everyone()
+    resume = latest_complete(out)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        step = json.loads((resume / COMPLETE_MARKER).read_text())["step"]
+        resumed_from = str(resume)
+    history_file = out / "loss_history.jsonl"
+    losses: list[float] = []
+    if history_file.is_file():  # the losses of the steps before the resumed checkpoint
+        losses = [json.loads(line)["loss"] for line in history_file.read_text().splitlines() if line.strip()]
+        losses = losses[:step]
+    if main:
+        atomic_write_text(history_file, "".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
+                                                 for i, v in enumerate(losses)))
+    if accelerator.log_with and main:
+        accelerator.init_trackers(loaded.name.replace("/", "_"))
+    n_params = sum(p.numel() for p in model.parameters())
+    cond_text = "unconditional" if d.conditioning == "none" else f"{d.conditioning}-conditional"
+    if main:
+        _log(f"{loaded.name}: {cond_text} {recipe.model.arch} of {n_params:,} parameters, "
+             f"{len(data)} images at {sample_px.shape[-1]}px ({'latent ' + str(parts.latent_size) + 'px' if parts.vae else 'pixel space'}), "
+             f"{total_steps} steps on {accelerator.device} ({accelerator.mixed_precision})"
+             + (f", resuming from {resume}" if resume else ""))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    samples_dir = out / "samples"
+    samples_dir.mkdir(exist_ok=True)
+    batches_done = step * t.grad_accum
+    epoch = batches_done // len(loader)
+    skip = batches_done % len(loader)
+    start, images_seen, running = time.time(), 0, []
+    first_images_time = None
+    while step < total_steps:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        skip = 0
+        for batch in epoch_loader:
+            with accelerator.accumulate(model):
+                latents = _encode(parts, batch["pixel_values"])
+                labels = _conditions(batch, parts, d.cond_dropout)
+                loss = diffusion_loss(parts, model, latents, labels, d.snr_gamma)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            running.append(loss.detach().float().item())
+            images_seen += latents.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(model).parameters())
+            step += 1
+            step_loss = sum(running) / len(running)
+            running = []
+            losses.append(step_loss)
+            if step == 1:
+                first_images_time = (time.time(), images_seen)
+            if main:
+                with open(history_file, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": step_loss}) + "\n")
+                with open(out / "memory.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **memory_now()}) + "\n")
+                if step % t.logging_steps == 0 or step == total_steps:
+                    _log(f"step {step}/{total_steps} loss {step_loss:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e}")
+            if accelerator.log_with:
+                accelerator.log({"train/loss": step_loss, "train/lr": lr_scheduler.get_last_lr()[0]}, step=step)
+            if d.sample_every and step % d.sample_every == 0 and step < total_steps and main:
+                _sample_grid(parts, model, recipe, data, samples_dir / f"step-{step:06d}.png", accelerator, ema)
+            if step % t.save_steps == 0 and step < total_steps:
+                _save_checkpoint(accelerator, out, step, t.save_total_limit)
+            if step >= total_steps:
+                break
+        epoch += 1
+    train_seconds = time.time() - start
+    accelerator.wait_for_everyone()
+    if accelerator.log_with:
+        accelerator.end_training()
+    summary = {
+        "recipe": loaded.name, "task": "diffusion", "arch": recipe.model.arch, "conditioning": d.conditioning,
+        "total_params": n_params, "images": len(data), "global_step": step,
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "world_size": accelerator.num_processes, "train_seconds": round(train_seconds, 2),
+        "resumed_from": resumed_from, "mixed_precision": accelerator.mixed_precision,
+    }
+    if first_images_time is not None and images_seen > first_images_time[1]:
+        # Throughput after the first step (which includes one-time setup).
+        summary["images_per_second"] = round((images_seen - first_images_time[1]) / (time.time() - first_images_time[0]), 2)
+    if torch.cuda.is_available():
+        summary["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        summary["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    else:
+        import resource
+
+        summary["cpu_process_max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if not main:
+        return summary
+    unwrapped = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.copy_to(unwrapped.parameters())  # the saved pipeline holds the EMA weights
+    unwrapped.eval()
+    grid = _sample_grid(parts, unwrapped, recipe, data, samples_dir / f"step-{step:06d}.png", accelerator)
+    summary["samples"] = str(grid)
+    summary["ema"] = ema is not None
+    make_pipeline(parts, unwrapped).save_pretrained(str(out))
+    if parts.arch == "dit":
+        # save_pretrained leaves DiTPipeline's id2label out; the Hub's DiT checkpoints keep it in model_index.json,
+        # from where from_pretrained passes it back (pipe.get_label_ids(["7"])).
+        index = json.loads((out / "model_index.json").read_text())
+        names = parts.class_names or [str(i) for i in range(parts.num_classes or 0)]
+        index["id2label"] = {str(i): n for i, n in enumerate(names)}
+        atomic_write_json(out / "model_index.json", index)
+    atomic_write_text(out / "README.md", model_card(loaded, summary))
+    atomic_write_json(out / SUMMARY, summary)
+    _log(f"saved {out} (loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, samples {grid})")
+    if recipe.hub.repo_id:
+        from hf_vram.errors import UserError
+        from hf_vram.hub import push_output
+
+        try:
+            _log(f"pushed to {push_output(out, recipe.hub.repo_id, recipe.hub.private)}")
+        except UserError as e:
+            raise UserError(f"{e}\nThe trained output is saved in {out}; push it later with `hf-vram push {out}`") from None
+    return summary
