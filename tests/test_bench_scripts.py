@@ -51,3 +51,10 @@ def test_gpu_gpt2_mfu_dry_run(tmp_path):
     text = table.read_text()
     assert "| hf-vram (pretrain, Trainer) |" in text and "| plain PyTorch loop |" in text
     check_numbers(text)
+
+
+def test_bench_diffusion_prints_the_ratio():
+    out = run_script("bench/bench_diffusion.py", "--steps", "3", timeout=120)
+    assert number(r"ratio hf-vram / plain", out) > 0
+    assert number(r"hf-vram \(diffusion, Accelerate\) images/s", out) > 0
+    assert number(r"plain diffusers loop images/s", out) > 0
