@@ -4,6 +4,16 @@ output is saved as (so that `DiffusionPipeline.from_pretrained(OUTPUT_DIR)` load
 Architectures (model.arch):
   unet2d            UNet2DModel, unconditional, pixel space (or a VAE's latents) -> DDPMPipeline
   dit               DiTTransformer2DModel, class-conditional, in a VAE's latent space -> DiTPipeline
+  unet2d-condition  UNet2DConditionModel, text-conditional (CLIP text encoder), in a VAE's latents
+                    -> StableDiffusionPipeline
+  pixart            PixArtTransformer2DModel, text-conditional (T5 encoder), in a VAE's latents -> PixArtAlphaPipeline
+
+Text encoders. diffusion.text_encoder names a frozen pretrained one (CLIPTextModel for unet2d-condition,
+T5EncoderModel for pixart) with its own tokenizer. Empty = a small encoder of the same family built from a config
+and trained with the model: TEXT_LAYERS layers of width model.config.cross_attention_dim (unet2d-condition) or
+model.config.caption_channels (pixart) (defaults in SCRATCH_TEXT_DIM), heads of 64, and a byte-level BPE
+tokenizer trained offline on the dataset's captions (an EOS token appended to every caption, so an empty caption
+is never an all-padding sequence). Every caption is padded to diffusion.max_caption_length tokens.
 
 The VAE question. DiTPipeline (like StableDiffusionPipeline and PixArtAlphaPipeline) always decodes its result
 with `self.vae.decode(latents / scaling_factor)`: no stock pipeline runs these models in pixel space, and no
@@ -29,14 +39,23 @@ from hf_vram.errors import UserError
 ARCHS = {
     "unet2d": "UNet2DModel",
     "dit": "DiTTransformer2DModel",
-}
-# Archs the schema knows of but this version does not build yet (text-to-image).
-PLANNED_ARCHS = {
     "unet2d-condition": "UNet2DConditionModel",
     "pixart": "PixArtTransformer2DModel",
 }
+# Archs the schema knows of but this version does not build yet.
+PLANNED_ARCHS: dict[str, str] = {}
 ALL_ARCHS = {**ARCHS, **PLANNED_ARCHS}
-PIPELINES = {"unet2d": "DDPMPipeline", "dit": "DiTPipeline"}
+PIPELINES = {"unet2d": "DDPMPipeline", "dit": "DiTPipeline", "unet2d-condition": "StableDiffusionPipeline",
+             "pixart": "PixArtAlphaPipeline"}
+TEXT_ARCHS = ("unet2d-condition", "pixart")
+# The model.config key that receives the text encoder's width.
+TEXT_DIM_KEY = {"unet2d-condition": "cross_attention_dim", "pixart": "caption_channels"}
+# Width of a text encoder trained from scratch when model.config does not set TEXT_DIM_KEY.
+SCRATCH_TEXT_DIM = {"unet2d-condition": 256, "pixart": 256}
+TEXT_LAYERS = 4
+# Width of the usual frozen encoders (for a parameter count without downloading their configs).
+KNOWN_TEXT_DIMS = {"openai/clip-vit-base-patch32": 512, "openai/clip-vit-large-patch14": 768,
+                   "google/t5-v1_1-small": 512, "google/t5-v1_1-base": 768, "google/t5-v1_1-xxl": 4096}
 DIT_NULL_CLASS = 1000
 # Keys of model.config that hf-vram sets from the data and the VAE.
 DERIVED_KEYS = {"in_channels", "out_channels", "sample_size", "num_embeds_ada_norm", "num_class_embeds"}
@@ -65,9 +84,15 @@ class DiffusionParts:
     class_names: list[str] = field(default_factory=list)
     latent_channels: int = 3
     latent_size: int = 64
+    text_encoder: object | None = None
+    tokenizer: object | None = None
+    text_trainable: bool = False
+    max_caption_length: int = 32
 
     @property
     def conditioning(self) -> str:
+        if self.arch in TEXT_ARCHS:
+            return "text"
         return "class" if self.arch == "dit" else "none"
 
     @property
@@ -76,19 +101,26 @@ class DiffusionParts:
 
 
 def _check_arch(arch: str) -> None:
-    if arch in PLANNED_ARCHS:
+    if arch in PLANNED_ARCHS:  # pragma: no cover (none at present)
         raise UserError(f"model.arch: {arch} ({PLANNED_ARCHS[arch]}) is not built by this version of hf-vram yet; "
                         f"use one of {', '.join(ARCHS)}")
     if arch not in ARCHS:
         raise UserError(f"model.arch: unknown diffusion architecture '{arch}'; one of {', '.join(ALL_ARCHS)}")
 
 
-def model_config(recipe, latent_channels: int, latent_size: int) -> dict:
-    """model.config with the keys that follow from the data and the VAE filled in (a conflicting value is an error)."""
+def model_config(recipe, latent_channels: int, latent_size: int, text_dim: int | None = None) -> dict:
+    """model.config with the keys that follow from the data, the VAE and the text encoder filled in (a conflicting
+    value is an error)."""
     arch = recipe.model.arch
     derived = {"in_channels": latent_channels, "out_channels": latent_channels, "sample_size": latent_size}
     if arch == "dit":
         derived["num_embeds_ada_norm"] = DIT_NULL_CLASS
+    if arch in TEXT_ARCHS:
+        derived[TEXT_DIM_KEY[arch]] = text_dim or scratch_text_dim(recipe)
+    if arch == "pixart" and "cross_attention_dim" not in recipe.model.config:
+        # PixArt projects the captions to its own width: its cross-attention reads that width.
+        c = recipe.model.config
+        derived["cross_attention_dim"] = c.get("num_attention_heads", 16) * c.get("attention_head_dim", 72)
     config = dict(recipe.model.config)
     for key, value in derived.items():
         if key in config and config[key] != value:
@@ -108,6 +140,78 @@ def load_vae(recipe):
     return vae.eval()
 
 
+def scratch_text_dim(recipe) -> int:
+    arch = recipe.model.arch
+    return recipe.model.config.get(TEXT_DIM_KEY[arch]) or SCRATCH_TEXT_DIM[arch]
+
+
+def _add_eos(tok) -> None:
+    from tokenizers import processors
+
+    eos = tok.eos_token
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tok.convert_tokens_to_ids(eos))])
+
+
+def load_text_encoder(recipe, captions=()):
+    """(text encoder, tokenizer, trainable): the named frozen encoder, or a small one from a config (trainable)
+    with a BPE tokenizer trained on `captions`."""
+    arch, d = recipe.model.arch, recipe.diffusion
+    if d.text_encoder:
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        cls = CLIPTextModel if arch == "unet2d-condition" else T5EncoderModel
+        encoder = cls.from_pretrained(d.text_encoder)
+        tok = AutoTokenizer.from_pretrained(d.text_encoder)
+        tok.model_max_length = d.max_caption_length
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        encoder.requires_grad_(False)
+        return encoder.eval(), tok, False
+    from hf_vram.build.tokenizer import train_bpe
+
+    captions = [c for c in captions if c]
+    if not captions:
+        raise UserError("diffusion.text_encoder: a text encoder trained from scratch needs captions "
+                        "(data.images.caption_field) to train its tokenizer on")
+    tok = train_bpe(captions, recipe.tokenizer.vocab_size, d.max_caption_length)
+    _add_eos(tok)
+    dim = scratch_text_dim(recipe)
+    heads = max(1, dim // 64)
+    if arch == "unet2d-condition":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        config = CLIPTextConfig(vocab_size=len(tok), hidden_size=dim, intermediate_size=4 * dim,
+                                num_hidden_layers=TEXT_LAYERS, num_attention_heads=heads,
+                                max_position_embeddings=d.max_caption_length, pad_token_id=tok.pad_token_id,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        encoder = CLIPTextModel(config)
+    else:
+        from transformers import T5Config, T5EncoderModel
+
+        config = T5Config(vocab_size=len(tok), d_model=dim, d_kv=64 if dim >= 64 else dim, d_ff=4 * dim,
+                          num_layers=TEXT_LAYERS, num_heads=heads, feed_forward_proj="gated-gelu",
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+        encoder = T5EncoderModel(config)
+    return encoder, tok, True
+
+
+def text_dim_of(encoder) -> int:
+    return getattr(encoder.config, "d_model", None) or encoder.config.hidden_size
+
+
+def encode_text(parts: DiffusionParts, captions: list[str], device):
+    """Caption embeddings (B, L, D) and attention mask (B, L): every caption padded to max_caption_length."""
+    tok = parts.tokenizer(captions, padding="max_length", max_length=parts.max_caption_length, truncation=True,
+                          return_tensors="pt")
+    ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+    if parts.arch == "pixart":
+        # As PixArtAlphaPipeline: T5 sees the mask, and so does the transformer's cross-attention.
+        return parts.text_encoder(ids, attention_mask=mask)[0], mask
+    # As StableDiffusionPipeline: CLIP without a mask, the UNet attends to every position (padding included).
+    return parts.text_encoder(ids)[0], None
+
+
 def schedulers(recipe):
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -119,7 +223,7 @@ def schedulers(recipe):
 
 
 def build(recipe, channels: int, resolution: int, num_classes: int | None = None, class_names=(),
-          vae=None) -> DiffusionParts:
+          vae=None, captions=()) -> DiffusionParts:
     """The model (random weights), schedulers and VAE of a recipe, for images of `channels` x `resolution`^2."""
     arch = recipe.model.arch
     _check_arch(arch)
@@ -135,7 +239,11 @@ def build(recipe, channels: int, resolution: int, num_classes: int | None = None
         latent_channels, latent_size = vae.config.latent_channels, resolution // factor
     else:
         latent_channels, latent_size = channels, resolution
-    config = model_config(recipe, latent_channels, latent_size)
+    encoder = tok = None
+    trainable = False
+    if arch in TEXT_ARCHS:
+        encoder, tok, trainable = load_text_encoder(recipe, captions)
+    config = model_config(recipe, latent_channels, latent_size, text_dim_of(encoder) if encoder is not None else None)
     model = model_class(arch)(**config)
     if arch == "dit":
         # hf-vram drops labels itself (diffusion.cond_dropout); DiT's built-in 10% label dropout is switched off.
@@ -143,7 +251,8 @@ def build(recipe, channels: int, resolution: int, num_classes: int | None = None
             if type(m).__name__ == "LabelEmbedding":
                 m.dropout_prob = 0.0
     noise, sample = schedulers(recipe)
-    return DiffusionParts(arch, model, noise, sample, vae, num_classes, list(class_names), latent_channels, latent_size)
+    return DiffusionParts(arch, model, noise, sample, vae, num_classes, list(class_names), latent_channels, latent_size,
+                          encoder, tok, trainable, recipe.diffusion.max_caption_length)
 
 
 def count_parameters_meta(recipe, channels: int | None = None, resolution: int | None = None) -> int:
@@ -153,24 +262,50 @@ def count_parameters_meta(recipe, channels: int | None = None, resolution: int |
     channels = channels or (images.channels if images else 3)
     resolution = resolution or (images.resolution if images else 64)
     latent_channels, size = (4, resolution // 8) if recipe.diffusion and recipe.diffusion.vae else (channels, resolution)
-    config = model_config(recipe, latent_channels, size)
+    text_dim = None
+    if arch in TEXT_ARCHS and recipe.diffusion.text_encoder:
+        text_dim = KNOWN_TEXT_DIMS.get(recipe.diffusion.text_encoder)
+        if text_dim is None:
+            try:
+                from transformers import AutoConfig
+
+                tc = AutoConfig.from_pretrained(recipe.diffusion.text_encoder)
+                tc = getattr(tc, "text_config", tc)
+                text_dim = getattr(tc, "d_model", None) or tc.hidden_size
+            except Exception:  # offline and not cached: the model.config value or the default
+                text_dim = None
+    config = model_config(recipe, latent_channels, size, text_dim)
     with torch.device("meta"):
         model = model_class(arch)(**config)
     return sum(p.numel() for p in model.parameters())
 
 
 def forward(parts: DiffusionParts, model, noisy, timesteps, labels=None):
-    """The model's prediction (noise or v) for a noisy batch."""
+    """The model's prediction (noise or v) for a noisy batch (labels: class ids, or (embeddings, mask) of text)."""
     if parts.arch == "dit":
         out = model(noisy, timestep=timesteps, class_labels=labels).sample
+        return out[:, : parts.latent_channels]
+    if parts.arch == "unet2d-condition":
+        return model(noisy, timesteps, encoder_hidden_states=labels[0]).sample
+    if parts.arch == "pixart":
+        emb, mask = labels
+        out = model(noisy, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=timesteps,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
         return out[:, : parts.latent_channels]
     return model(noisy, timesteps).sample
 
 
 def make_pipeline(parts: DiffusionParts, model):
     """The stock pipeline around a (trained) model: what is saved and what draws the sample grids."""
-    from diffusers import DDPMPipeline, DiTPipeline
+    from diffusers import DDPMPipeline, DiTPipeline, PixArtAlphaPipeline, StableDiffusionPipeline
 
+    if parts.arch == "unet2d-condition":
+        return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                       unet=model, scheduler=parts.sample_scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    if parts.arch == "pixart":
+        return PixArtAlphaPipeline(tokenizer=parts.tokenizer, text_encoder=parts.text_encoder, vae=parts.vae,
+                                   transformer=model, scheduler=parts.sample_scheduler)
     if parts.arch == "dit":
         names = parts.class_names or [str(i) for i in range(parts.num_classes or 0)]
         # id2label lets `pipe.get_label_ids(["7"])` find class ids by name.
@@ -179,10 +314,25 @@ def make_pipeline(parts: DiffusionParts, model):
     return DDPMPipeline(unet=model, scheduler=parts.sample_scheduler)
 
 
+def pipeline_kwargs(arch: str, resolution: int, max_caption_length: int) -> dict:
+    """Keyword arguments a text-to-image pipeline needs besides the prompt: the image size, and for PixArt no
+    resolution binning (its bins exist only for sample sizes 32/64/128) and the training caption length."""
+    kw = {"height": resolution, "width": resolution}
+    if arch == "pixart":
+        kw.update(use_resolution_binning=False, max_sequence_length=max_caption_length, clean_caption=False)
+    return kw
+
+
 def generate(pipe, parts: DiffusionParts, n: int, steps: int, guidance_scale: float, seed: int,
-             class_labels: list[int] | None = None):
-    """n PIL images from a pipeline (class_labels: one per image, for class-conditional models)."""
+             class_labels: list[int] | None = None, prompts: list[str] | None = None):
+    """n PIL images from a pipeline (class_labels: one per image, for class-conditional models; prompts: one per
+    image, for text-conditional ones)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    if parts.arch in TEXT_ARCHS:
+        factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+        kw = pipeline_kwargs(parts.arch, parts.latent_size * factor, parts.max_caption_length)
+        return pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
+                    generator=generator, **kw).images
     if parts.arch == "dit":
         return pipe(class_labels=class_labels, num_inference_steps=steps, guidance_scale=guidance_scale,
                     generator=generator).images

@@ -96,8 +96,20 @@ def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
     accelerator.wait_for_everyone()
 
 
-def _conditions(batch, parts, cond_dropout: float):
-    """Class labels with a fraction replaced by the null class (classifier-free guidance training)."""
+def _conditions(batch, parts, cond_dropout: float, device=None):
+    """Class labels with a fraction replaced by the null class, or caption embeddings (and mask) with a fraction of
+    the captions replaced by the empty one (classifier-free guidance training)."""
+    if parts.conditioning == "text":
+        from hf_vram.build.diffusion import encode_text
+
+        captions = list(batch["caption"])
+        if cond_dropout > 0:
+            drop = torch.rand(len(captions)) < cond_dropout
+            captions = ["" if dropped else c for c, dropped in zip(captions, drop.tolist())]
+        if parts.text_trainable:
+            return encode_text(parts, captions, device)
+        with torch.no_grad():
+            return encode_text(parts, captions, device)
     if parts.conditioning != "class":
         return None
     labels = batch["label"].long()
@@ -131,26 +143,48 @@ def diffusion_loss(parts, model, latents, labels, snr_gamma: float | None):
     return (per_sample * weight).mean()
 
 
+def _trained_parameters(parts, model, accelerator) -> list:
+    """The parameters the optimizer and the EMA follow: the model's, and a text encoder's trained with it."""
+    params = list(accelerator.unwrap_model(model).parameters())
+    if parts.text_trainable:
+        params += list(parts.text_encoder.parameters())
+    return params
+
+
+def _sample_prompts(recipe, data) -> list[str]:
+    from data_prep.images import sample_captions
+
+    d = recipe.diffusion
+    prompts = list(d.sample_prompts) or sample_captions(data, d.num_samples)
+    return [prompts[i % len(prompts)] for i in range(d.num_samples)]
+
+
 def _sample_grid(parts, model, recipe, data, path: Path, accelerator, ema=None) -> Path:
     from data_prep.images import sample_classes, save_grid
     from hf_vram.build.diffusion import generate, make_pipeline
 
     d = recipe.diffusion
     unwrapped = accelerator.unwrap_model(model)
+    params = _trained_parameters(parts, unwrapped, accelerator)
     if ema is not None:
-        ema.store(unwrapped.parameters())
-        ema.copy_to(unwrapped.parameters())
-    was_training = unwrapped.training
-    unwrapped.eval()
+        ema.store(params)
+        ema.copy_to(params)
+    modules = [unwrapped] + ([parts.text_encoder] if parts.text_trainable else [])
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     try:
         pipe = make_pipeline(parts, unwrapped)
         pipe.set_progress_bar_config(disable=True)
         labels = sample_classes(data, d.num_samples) if parts.conditioning == "class" else None
-        images = generate(pipe, parts, d.num_samples, d.inference_steps, d.guidance_scale, recipe.train.seed, labels)
+        prompts = _sample_prompts(recipe, data) if parts.conditioning == "text" else None
+        images = generate(pipe, parts, d.num_samples, d.inference_steps, d.guidance_scale, recipe.train.seed, labels,
+                          prompts)
     finally:
         if ema is not None:
-            ema.restore(unwrapped.parameters())
-        unwrapped.train(was_training)
+            ema.restore(params)
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
     return save_grid(images, path)
 
 
@@ -175,6 +209,11 @@ def model_card(loaded: LoadedRecipe, summary: dict) -> str:
     where = r.hub.repo_id or str(loaded.output_dir)
     if d.conditioning == "class":
         call = f"pipe(class_labels=[0, 1, 2, 3], num_inference_steps={d.inference_steps}, guidance_scale={d.guidance_scale}).images"
+    elif d.conditioning == "text":
+        prompt = (d.sample_prompts or ["a photo"])[0]
+        extra = ", use_resolution_binning=False" if r.model.arch == "pixart" else ""
+        call = (f"pipe({prompt!r}, num_inference_steps={d.inference_steps}, guidance_scale={d.guidance_scale}"
+                f"{extra}).images")
     else:
         call = f"pipe(batch_size=4, num_inference_steps={d.inference_steps}).images"
     rows = [
@@ -228,26 +267,42 @@ def train_diffusion(loaded: LoadedRecipe) -> dict:
     if d.conditioning == "class" and not num_classes:
         raise_user("diffusion.conditioning: class needs labels: set data.images.label_field (or use builtin:digits)")
     sample_px = data.dataset[0]["pixel_values"]
+    captions = ()
+    if d.conditioning == "text":
+        if not data.has_captions:
+            raise_user("diffusion.conditioning: text needs captions: set data.images.caption_field "
+                       "(or use builtin:digits / builtin:shapes)")
+        if not d.text_encoder:  # the scratch tokenizer is trained on the captions
+            captions = [data.dataset.caption(i) for i in range(len(data))]
     parts = build(recipe, channels=sample_px.shape[0], resolution=sample_px.shape[-1], num_classes=num_classes,
-                  class_names=data.class_names or [])
+                  class_names=data.class_names or [], captions=captions)
     model = parts.model
     if t.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
+    if parts.text_trainable:
+        parts.text_encoder.train()
     ema = None
     if d.ema:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(model.parameters(), decay=d.ema_decay, model_cls=type(model), model_config=model.config)
+        ema_params = list(model.parameters()) + (list(parts.text_encoder.parameters()) if parts.text_trainable else [])
+        ema = EMAModel(ema_params, decay=d.ema_decay, model_cls=type(model), model_config=model.config)
 
     loader = torch.utils.data.DataLoader(data.dataset, batch_size=t.micro_batch_size, shuffle=True,
                                          collate_fn=collate, drop_last=len(data) >= t.micro_batch_size,
                                          num_workers=0)
     updates_per_epoch = max(1, math.ceil(len(loader) / t.grad_accum))
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * updates_per_epoch))
-    optimizer = _optimizer(recipe, model.parameters())
+    trained = list(model.parameters()) + (list(parts.text_encoder.parameters()) if parts.text_trainable else [])
+    optimizer = _optimizer(recipe, trained)
     lr_scheduler = _lr_scheduler(recipe, optimizer, total_steps)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    if parts.text_trainable:
+        # Prepared (device, precision, DDP) and saved in the checkpoints with the model.
+        parts.text_encoder = accelerator.prepare(parts.text_encoder)
+    elif parts.text_encoder is not None:
+        parts.text_encoder.to(accelerator.device)
     if parts.vae is not None:
         parts.vae.to(accelerator.device)
     if ema is not None:
@@ -301,11 +356,11 @@ def train_diffusion(loaded: LoadedRecipe) -> dict:
         for batch in epoch_loader:
             with accelerator.accumulate(model):
                 latents = _encode(parts, batch["pixel_values"])
-                labels = _conditions(batch, parts, d.cond_dropout)
+                labels = _conditions(batch, parts, d.cond_dropout, accelerator.device)
                 loss = diffusion_loss(parts, model, latents, labels, d.snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    accelerator.clip_grad_norm_(_trained_parameters(parts, model, accelerator), t.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -314,7 +369,7 @@ def train_diffusion(loaded: LoadedRecipe) -> dict:
             if not accelerator.sync_gradients:
                 continue
             if ema is not None:
-                ema.step(accelerator.unwrap_model(model).parameters())
+                ema.step(_trained_parameters(parts, model, accelerator))
             step += 1
             step_loss = sum(running) / len(running)
             running = []
@@ -361,9 +416,13 @@ def train_diffusion(loaded: LoadedRecipe) -> dict:
     if not main:
         return summary
     unwrapped = accelerator.unwrap_model(model)
+    if parts.text_trainable:
+        parts.text_encoder = accelerator.unwrap_model(parts.text_encoder)
     if ema is not None:
-        ema.copy_to(unwrapped.parameters())  # the saved pipeline holds the EMA weights
+        ema.copy_to(_trained_parameters(parts, unwrapped, accelerator))  # the saved pipeline holds the EMA weights
     unwrapped.eval()
+    if parts.text_encoder is not None:
+        parts.text_encoder.eval()
     grid = _sample_grid(parts, unwrapped, recipe, data, samples_dir / f"step-{step:06d}.png", accelerator)
     summary["samples"] = str(grid)
     summary["ema"] = ema is not None
