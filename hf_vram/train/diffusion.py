@@ -36,12 +36,10 @@ def _log(text: str) -> None:
 
 
 def mixed_precision(precision: str) -> str:
-    """train.precision -> Accelerate's mixed_precision: auto = bf16 on GPUs that have it, fp16 on older ones, no on CPU."""
-    if precision == "auto":
-        if not torch.cuda.is_available():
-            return "no"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
+    """train.precision -> Accelerate's mixed_precision, by the language models' rule (hf_vram/device.py)."""
+    from hf_vram.device import mixed_precision as chosen
+
+    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[chosen(precision)]
 
 
 def _optimizer(recipe, params):
