@@ -169,7 +169,7 @@ def assemble(spec: AssembleSpec, output_dir: str | Path, tokenizer_source: str |
 
     base = _load_model(AutoModelForCausalLM, spec.base_model, "base_model", dtype)
     rows = _router_rows(spec, base, tokenizer)  # (layers, experts, hidden), float32
-    moe = MixtralForCausalLM._from_config(_mixtral_config(base_config, spec), dtype=dtype)
+    moe = MixtralForCausalLM._from_config(mixtral_config(base_config, len(spec.experts), spec.experts_per_token), dtype=dtype)
     filled = _copy_shared(base, moe)
     del base
     layers = moe.model.layers
@@ -335,7 +335,9 @@ def _field(config, name: str):
     return getattr(config, name, None)
 
 
-def _mixtral_config(base_config, spec: AssembleSpec):
+def mixtral_config(base_config, experts: int, experts_per_token: int):
+    """The Mixtral config of `experts` copies of a dense Llama/Mistral block, `experts_per_token` per token (also
+    what `hf-vram plan` sizes an assembly by before it is built)."""
     from transformers import MixtralConfig
 
     return MixtralConfig(
@@ -360,8 +362,8 @@ def _mixtral_config(base_config, spec: AssembleSpec):
         # A Llama has no sliding window (None); a Mistral's own window is kept so attention stays the base's
         # (mergekit-moe always clears it, which changes a Mistral v0.1 base on inputs longer than the window).
         sliding_window=getattr(base_config, "sliding_window", None),
-        num_local_experts=len(spec.experts),
-        num_experts_per_tok=spec.experts_per_token,
+        num_local_experts=experts,
+        num_experts_per_tok=experts_per_token,
     )
 
 

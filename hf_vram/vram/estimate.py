@@ -412,20 +412,10 @@ def resolve_config(loaded: LoadedRecipe):
             config.vocab_size = _tokenizer_size(r.tokenizer.name_or_path, config.vocab_size)
         return config
     if r.task == "assemble":
-        return assembled_config(_config_of(loaded, r.model.name_or_path), len(r.moe.experts), r.moe.experts_per_token)
+        from hf_vram.moe.assemble import mixtral_config
+
+        return mixtral_config(_config_of(loaded, r.model.name_or_path), len(r.moe.experts), r.moe.experts_per_token)
     return _config_of(loaded, r.model.name_or_path)
-
-
-def assembled_config(dense, experts: int, top_k: int):
-    """The Mixtral config of a mixture of experts assembled from dense Llama/Mistral checkpoints of `dense`'s shape:
-    the same blocks with `experts` MLPs per layer, `top_k` of them per token."""
-    from transformers import MixtralConfig
-
-    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
-            "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act")
-    fields = {k: getattr(dense, k) for k in keep if getattr(dense, k, None) is not None}
-    return MixtralConfig(**fields, num_local_experts=experts, num_experts_per_tok=top_k, sliding_window=None)
 
 
 def _config_of(loaded: LoadedRecipe, ref: str):
