@@ -216,17 +216,25 @@ def _generate_images(out: Path, prompt: str) -> int:
     """A diffusion output: images from its saved pipeline into OUTPUT_DIR/generated/ (the prompt names a class of
     a class-conditional pipeline, or "" for an unconditional one)."""
     import torch
-    from diffusers import DiffusionPipeline
 
     from data_prep.images import save_grid
+    from hf_vram.build.diffusion import load_pipeline
 
-    pipe = DiffusionPipeline.from_pretrained(out)
+    pipe = load_pipeline(out)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
-    if type(pipe).__name__ == "DiTPipeline":
-        images = pipe(class_labels=pipe.get_label_ids([prompt] * 4), generator=generator).images
+    if hasattr(pipe, "get_label_ids"):  # class-conditional: DiTPipeline, ClassConditionalPipeline
+        try:
+            ids = pipe.get_label_ids([prompt] * 4)
+        except ValueError:
+            raise UserError(f"{out}: '{prompt}' is not one of its classes: {', '.join(sorted(pipe.labels))}") from None
+        images = pipe(class_labels=ids, generator=generator).images
     elif hasattr(pipe, "tokenizer"):
-        images = pipe([prompt] * 4, generator=generator).images
+        kw = {}
+        if type(pipe).__name__ == "PixArtAlphaPipeline":  # its resolution bins exist only for 256 px and up
+            kw = dict(use_resolution_binning=False, clean_caption=False,
+                      max_sequence_length=pipe.tokenizer.model_max_length)
+        images = pipe([prompt] * 4, generator=generator, **kw).images
     else:
         images = pipe(batch_size=4, generator=generator).images
     name = "".join(c if c.isalnum() else "-" for c in prompt)[:40] or "samples"

@@ -2,11 +2,15 @@
 output is saved as (so that `DiffusionPipeline.from_pretrained(OUTPUT_DIR)` loads it).
 
 Architectures (model.arch):
-  unet2d            UNet2DModel, unconditional, pixel space (or a VAE's latents) -> DDPMPipeline
+  unet2d            UNet2DModel in pixel space (or a VAE's latents): unconditional -> DDPMPipeline;
+                    class-conditional -> ClassConditionalPipeline (hf_vram/pipelines/pixel_pipelines.py)
   dit               DiTTransformer2DModel, class-conditional, in a VAE's latent space -> DiTPipeline
-  unet2d-condition  UNet2DConditionModel, text-conditional (CLIP text encoder), in a VAE's latents
-                    -> StableDiffusionPipeline
+  unet2d-condition  UNet2DConditionModel, text-conditional (CLIP text encoder): in a VAE's latents
+                    -> StableDiffusionPipeline; without a VAE, in pixel space -> PixelTextToImagePipeline
   pixart            PixArtTransformer2DModel, text-conditional (T5 encoder), in a VAE's latents -> PixArtAlphaPipeline
+
+The two pipelines diffusers does not ship are saved with their code (pixel_pipelines.py, named in model_index.json as
+custom pipelines on the Hub are): `DiffusionPipeline.from_pretrained(OUTPUT_DIR, trust_remote_code=True)` loads them.
 
 Text encoders. diffusion.text_encoder names a frozen pretrained one (CLIPTextModel for unet2d-condition,
 T5EncoderModel for pixart) with its own tokenizer. Empty = a small encoder of the same family built from a config
@@ -15,9 +19,9 @@ model.config.caption_channels (pixart) (defaults in SCRATCH_TEXT_DIM), heads of 
 tokenizer trained offline on the dataset's captions (an EOS token appended to every caption, so an empty caption
 is never an all-padding sequence). Every caption is padded to diffusion.max_caption_length tokens.
 
-The VAE question. DiTPipeline (like StableDiffusionPipeline and PixArtAlphaPipeline) always decodes its result
-with `self.vae.decode(latents / scaling_factor)`: no stock pipeline runs these models in pixel space, and no
-diffusers autoencoder is an identity. Rather than save a fake VAE, an arch whose stock pipeline needs one requires
+The VAE question. DiTPipeline and PixArtAlphaPipeline always decode their result with
+`self.vae.decode(latents / scaling_factor)`: no stock pipeline runs these models in pixel space, and no diffusers
+autoencoder is an identity. Rather than save a fake VAE, an arch whose stock pipeline needs one requires
 `diffusion.vae` (a frozen pretrained AutoencoderKL such as stabilityai/sd-vae-ft-mse), and the model learns in its
 latent space; the saved pipeline holds that VAE and is complete. Latents are the posterior mean (`mode()`), as in
 trainers that cache latents. The CPU tests name a small AutoencoderKL built from a config (random, frozen): the
@@ -45,8 +49,10 @@ ARCHS = {
 # Archs the schema knows of but this version does not build yet.
 PLANNED_ARCHS: dict[str, str] = {}
 ALL_ARCHS = {**ARCHS, **PLANNED_ARCHS}
-PIPELINES = {"unet2d": "DDPMPipeline", "dit": "DiTPipeline", "unet2d-condition": "StableDiffusionPipeline",
-             "pixart": "PixArtAlphaPipeline"}
+# Archs whose pipelines always decode with a VAE (diffusion.vae is required).
+VAE_ARCHS = ("dit", "pixart")
+# The file (copied into outputs that need it) holding the pipelines diffusers does not ship.
+CUSTOM_PIPELINE_MODULE = "pixel_pipelines"
 TEXT_ARCHS = ("unet2d-condition", "pixart")
 # The model.config key that receives the text encoder's width.
 TEXT_DIM_KEY = {"unet2d-condition": "cross_attention_dim", "pixart": "caption_channels"}
@@ -59,6 +65,19 @@ KNOWN_TEXT_DIMS = {"openai/clip-vit-base-patch32": 512, "openai/clip-vit-large-p
 DIT_NULL_CLASS = 1000
 # Keys of model.config that hf-vram sets from the data and the VAE.
 DERIVED_KEYS = {"in_channels", "out_channels", "sample_size", "num_embeds_ada_norm", "num_class_embeds"}
+
+
+def pipeline_name(arch: str, conditioning: str, vae: bool) -> str:
+    """The class the output is saved as."""
+    if arch == "unet2d":
+        return "ClassConditionalPipeline" if conditioning == "class" else "DDPMPipeline"
+    if arch == "unet2d-condition":
+        return "StableDiffusionPipeline" if vae else "PixelTextToImagePipeline"
+    return {"dit": "DiTPipeline", "pixart": "PixArtAlphaPipeline"}[arch]
+
+
+def is_custom_pipeline(name: str) -> bool:
+    return name in ("ClassConditionalPipeline", "PixelTextToImagePipeline")
 
 
 def model_class(arch: str):
@@ -88,16 +107,19 @@ class DiffusionParts:
     tokenizer: object | None = None
     text_trainable: bool = False
     max_caption_length: int = 32
-
-    @property
-    def conditioning(self) -> str:
-        if self.arch in TEXT_ARCHS:
-            return "text"
-        return "class" if self.arch == "dit" else "none"
+    conditioning: str = "none"  # none, class or text
 
     @property
     def null_class(self) -> int | None:
-        return DIT_NULL_CLASS if self.arch == "dit" else None
+        """The class id of 'no class' (classifier-free guidance): DiTPipeline's fixed 1000, or a class-conditional
+        UNet's last row."""
+        if self.conditioning != "class":
+            return None
+        return DIT_NULL_CLASS if self.arch == "dit" else self.num_classes
+
+    @property
+    def pipeline_name(self) -> str:
+        return pipeline_name(self.arch, self.conditioning, self.vae is not None)
 
 
 def _check_arch(arch: str) -> None:
@@ -108,13 +130,17 @@ def _check_arch(arch: str) -> None:
         raise UserError(f"model.arch: unknown diffusion architecture '{arch}'; one of {', '.join(ALL_ARCHS)}")
 
 
-def model_config(recipe, latent_channels: int, latent_size: int, text_dim: int | None = None) -> dict:
+def model_config(recipe, latent_channels: int, latent_size: int, text_dim: int | None = None,
+                 num_classes: int | None = None) -> dict:
     """model.config with the keys that follow from the data, the VAE and the text encoder filled in (a conflicting
     value is an error)."""
     arch = recipe.model.arch
     derived = {"in_channels": latent_channels, "out_channels": latent_channels, "sample_size": latent_size}
     if arch == "dit":
         derived["num_embeds_ada_norm"] = DIT_NULL_CLASS
+    if arch == "unet2d" and recipe.diffusion.conditioning == "class":
+        # One row per class plus the null class of classifier-free guidance.
+        derived["num_class_embeds"] = (num_classes or recipe.diffusion.num_classes or 10) + 1
     if arch in TEXT_ARCHS:
         derived[TEXT_DIM_KEY[arch]] = text_dim or scratch_text_dim(recipe)
     if arch == "pixart" and "cross_attention_dim" not in recipe.model.config:
@@ -243,7 +269,8 @@ def build(recipe, channels: int, resolution: int, num_classes: int | None = None
     trainable = False
     if arch in TEXT_ARCHS:
         encoder, tok, trainable = load_text_encoder(recipe, captions)
-    config = model_config(recipe, latent_channels, latent_size, text_dim_of(encoder) if encoder is not None else None)
+    config = model_config(recipe, latent_channels, latent_size, text_dim_of(encoder) if encoder is not None else None,
+                          num_classes)
     model = model_class(arch)(**config)
     if arch == "dit":
         # hf-vram drops labels itself (diffusion.cond_dropout); DiT's built-in 10% label dropout is switched off.
@@ -252,7 +279,7 @@ def build(recipe, channels: int, resolution: int, num_classes: int | None = None
                 m.dropout_prob = 0.0
     noise, sample = schedulers(recipe)
     return DiffusionParts(arch, model, noise, sample, vae, num_classes, list(class_names), latent_channels, latent_size,
-                          encoder, tok, trainable, recipe.diffusion.max_caption_length)
+                          encoder, tok, trainable, recipe.diffusion.max_caption_length, recipe.diffusion.conditioning)
 
 
 def count_parameters_meta(recipe, channels: int | None = None, resolution: int | None = None) -> int:
@@ -292,6 +319,8 @@ def forward(parts: DiffusionParts, model, noisy, timesteps, labels=None):
         out = model(noisy, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=timesteps,
                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
         return out[:, : parts.latent_channels]
+    if parts.conditioning == "class":
+        return model(noisy, timesteps, class_labels=labels).sample
     return model(noisy, timesteps).sample
 
 
@@ -299,6 +328,14 @@ def make_pipeline(parts: DiffusionParts, model):
     """The stock pipeline around a (trained) model: what is saved and what draws the sample grids."""
     from diffusers import DDPMPipeline, DiTPipeline, PixArtAlphaPipeline, StableDiffusionPipeline
 
+    from hf_vram.pipelines.pixel_pipelines import ClassConditionalPipeline, PixelTextToImagePipeline
+
+    names = parts.class_names or [str(i) for i in range(parts.num_classes or 0)]
+    if parts.pipeline_name == "ClassConditionalPipeline":
+        return ClassConditionalPipeline(unet=model, scheduler=parts.sample_scheduler, id2label=dict(enumerate(names)))
+    if parts.pipeline_name == "PixelTextToImagePipeline":
+        return PixelTextToImagePipeline(unet=model, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                        scheduler=parts.sample_scheduler)
     if parts.arch == "unet2d-condition":
         return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                        unet=model, scheduler=parts.sample_scheduler, safety_checker=None,
@@ -307,7 +344,6 @@ def make_pipeline(parts: DiffusionParts, model):
         return PixArtAlphaPipeline(tokenizer=parts.tokenizer, text_encoder=parts.text_encoder, vae=parts.vae,
                                    transformer=model, scheduler=parts.sample_scheduler)
     if parts.arch == "dit":
-        names = parts.class_names or [str(i) for i in range(parts.num_classes or 0)]
         # id2label lets `pipe.get_label_ids(["7"])` find class ids by name.
         return DiTPipeline(transformer=model, vae=parts.vae, scheduler=parts.sample_scheduler,
                            id2label={i: n for i, n in enumerate(names)})
@@ -328,12 +364,60 @@ def generate(pipe, parts: DiffusionParts, n: int, steps: int, guidance_scale: fl
     """n PIL images from a pipeline (class_labels: one per image, for class-conditional models; prompts: one per
     image, for text-conditional ones)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    if parts.arch in TEXT_ARCHS:
-        factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    if parts.conditioning == "text":
+        factor = 2 ** (len(parts.vae.config.block_out_channels) - 1) if parts.vae is not None else 1
         kw = pipeline_kwargs(parts.arch, parts.latent_size * factor, parts.max_caption_length)
         return pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
                     generator=generator, **kw).images
-    if parts.arch == "dit":
+    if parts.conditioning == "class":
         return pipe(class_labels=class_labels, num_inference_steps=steps, guidance_scale=guidance_scale,
                     generator=generator).images
     return pipe(batch_size=n, num_inference_steps=steps, generator=generator).images
+
+
+def save_pipeline(parts: DiffusionParts, model, out) -> None:
+    """save_pretrained, plus what it leaves out: DiTPipeline's id2label, and the code of a pipeline diffusers does
+    not ship (copied beside model_index.json, which names it as [module, class])."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from hf_vram.atomic import atomic_write_json
+
+    out = Path(out)
+    make_pipeline(parts, model).save_pretrained(str(out))
+    index = json.loads((out / "model_index.json").read_text())
+    if parts.arch == "dit":
+        # The Hub's DiT checkpoints keep id2label in model_index.json, from where from_pretrained passes it back
+        # (pipe.get_label_ids(["7"])).
+        names = parts.class_names or [str(i) for i in range(parts.num_classes or 0)]
+        index["id2label"] = {str(i): n for i, n in enumerate(names)}
+    if is_custom_pipeline(parts.pipeline_name):
+        from hf_vram.pipelines import pixel_pipelines
+
+        shutil.copyfile(pixel_pipelines.__file__, out / f"{CUSTOM_PIPELINE_MODULE}.py")
+        index["_class_name"] = [CUSTOM_PIPELINE_MODULE, parts.pipeline_name]
+    atomic_write_json(out / "model_index.json", index)
+
+
+def load_pipeline(out):
+    """DiffusionPipeline.from_pretrained of a saved output; the code of a custom pipeline is trusted only when it is
+    hf-vram's own file, byte for byte."""
+    import json
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline
+
+    out = Path(out)
+    index = json.loads((out / "model_index.json").read_text())
+    trust = False
+    if isinstance(index.get("_class_name"), list):
+        from hf_vram.pipelines import pixel_pipelines
+
+        saved = out / f"{CUSTOM_PIPELINE_MODULE}.py"
+        trust = saved.is_file() and saved.read_bytes() == Path(pixel_pipelines.__file__).read_bytes()
+        if not trust:
+            raise UserError(f"{out}: model_index.json names custom pipeline code that is not hf-vram's "
+                            f"{CUSTOM_PIPELINE_MODULE}.py; inspect it and load it with "
+                            "DiffusionPipeline.from_pretrained(..., trust_remote_code=True)")
+    return DiffusionPipeline.from_pretrained(str(out), trust_remote_code=trust)

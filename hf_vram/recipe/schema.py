@@ -385,16 +385,16 @@ class Recipe(Section):
             raise ValueError("train.lr_scheduler: two_stage is BitNet's language-model schedule")
         if (self.train.lr_scheduler == "cosine_with_min_lr") != (self.train.min_lr is not None):
             raise ValueError("train.min_lr: set it together with train.lr_scheduler: cosine_with_min_lr (and only then)")
-        if d.conditioning == "class" and arch != "dit":
-            raise ValueError("diffusion.conditioning: conditioning class needs arch dit (DiTPipeline); diffusers has no "
-                             "stock pipeline for a class-conditional unet2d")
+        if d.conditioning == "class" and arch not in ("unet2d", "dit"):
+            raise ValueError(f"diffusion.conditioning: class conditioning goes with arch unet2d or dit (got {arch})")
         if arch == "dit" and d.conditioning != "class":
             raise ValueError("diffusion.conditioning: arch dit is class-conditional: set conditioning: class")
         if (d.conditioning == "text") != (arch in ("unet2d-condition", "pixart")):
             raise ValueError(f"diffusion.conditioning: text conditioning goes with arch unet2d-condition or pixart "
                              f"(got conditioning {d.conditioning} with arch {arch})")
-        if arch in ("dit", "unet2d-condition", "pixart") and not d.vae:
-            # DiTPipeline, StableDiffusionPipeline and PixArtAlphaPipeline always decode with a VAE (build/diffusion.py).
+        if arch in ("dit", "pixart") and not d.vae:
+            # DiTPipeline and PixArtAlphaPipeline always decode with a VAE (build/diffusion.py).
             raise ValueError(f"diffusion.vae: arch {arch} is saved as a pipeline that decodes latents with a VAE: name a "
-                             "pretrained AutoencoderKL (e.g. stabilityai/sd-vae-ft-mse); only unet2d runs in pixel space")
+                             "pretrained AutoencoderKL (e.g. stabilityai/sd-vae-ft-mse); unet2d and unet2d-condition "
+                             "also run in pixel space")
         return self

@@ -229,11 +229,19 @@ def model_card(loaded: LoadedRecipe, summary: dict) -> str:
     if "images_per_second" in summary:
         rows.append(("throughput", f"{summary['images_per_second']} images/s"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    from hf_vram.build.diffusion import CUSTOM_PIPELINE_MODULE, is_custom_pipeline, pipeline_name
+
+    name = pipeline_name(r.model.arch, d.conditioning, bool(d.vae))
+    trust, custom = "", ""
+    if is_custom_pipeline(name):
+        trust = ", trust_remote_code=True"
+        custom = (f"`{name}` is not one of diffusers' pipelines: its code is `{CUSTOM_PIPELINE_MODULE}.py` in this "
+                  "repository (torch and diffusers only), which `trust_remote_code=True` lets diffusers import.\n\n")
     return (
         "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
         f"# {loaded.name}\n\n{r.description}\n\nTrained with hf-vram from the recipe `{loaded.name}` (the resolved recipe is `recipe.yaml`).\n\n"
         "## Usage\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
-        f'pipe = DiffusionPipeline.from_pretrained("{where}")\nimages = {call}\n```\n\n'
+        f'pipe = DiffusionPipeline.from_pretrained("{where}"{trust})\nimages = {call}\n```\n\n{custom}'
         f"## Training\n\n| | |\n|---|---|\n{table}\n"
     )
 
@@ -244,7 +252,7 @@ def train_diffusion(loaded: LoadedRecipe) -> dict:
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
     from data_prep.images import collate, load_images
-    from hf_vram.build.diffusion import build, make_pipeline
+    from hf_vram.build.diffusion import build, save_pipeline
 
     recipe, out = loaded.recipe, loaded.output_dir
     d, t, images_cfg = recipe.diffusion, recipe.train, recipe.data.images
@@ -424,14 +432,7 @@ def train_diffusion(loaded: LoadedRecipe) -> dict:
     grid = _sample_grid(parts, unwrapped, recipe, data, samples_dir / f"step-{step:06d}.png", accelerator)
     summary["samples"] = str(grid)
     summary["ema"] = ema is not None
-    make_pipeline(parts, unwrapped).save_pretrained(str(out))
-    if parts.arch == "dit":
-        # save_pretrained leaves DiTPipeline's id2label out; the Hub's DiT checkpoints keep it in model_index.json,
-        # from where from_pretrained passes it back (pipe.get_label_ids(["7"])).
-        index = json.loads((out / "model_index.json").read_text())
-        names = parts.class_names or [str(i) for i in range(parts.num_classes or 0)]
-        index["id2label"] = {str(i): n for i, n in enumerate(names)}
-        atomic_write_json(out / "model_index.json", index)
+    save_pipeline(parts, unwrapped, out)
     atomic_write_text(out / "README.md", model_card(loaded, summary))
     atomic_write_json(out / SUMMARY, summary)
     _log(f"saved {out} (loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, samples {grid})")
