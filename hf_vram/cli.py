@@ -155,9 +155,7 @@ def _cmd_plan(args) -> int:
     gpu = get_gpu(args.gpu)
     loaded = load_recipe(args.recipe, args.overrides)
     if loaded.recipe.task == "diffusion":
-        print(f"{loaded.name}: task diffusion is not planned yet (hf-vram plan models language models); `hf-vram table` "
-              "counts its parameters")
-        return 0
+        return _plan_diffusion(loaded, gpu, args)
     if loaded.recipe.task == "assemble":
         print(f"{loaded.name}: task assemble trains nothing (the experts are copied into one model on the CPU); plan "
               "the recipe that fine-tunes its output (model.name_or_path: recipe:NAME)")
@@ -181,6 +179,28 @@ def _cmd_plan(args) -> int:
         from hf_vram.vram.compare import measure_and_compare
 
         print(measure_and_compare(loaded))
+    return 0 if plan.fits or args.fit else 1
+
+
+def _plan_diffusion(loaded, gpu, args) -> int:
+    from hf_vram.recipe.load import load_recipe
+    from hf_vram.vram.diffusion_plan import fit_diffusion, format_diffusion_plan, plan_diffusion
+
+    plan = plan_diffusion(loaded, gpu)
+    print(format_diffusion_plan(loaded, plan))
+    if args.fit:
+        changes, fitted = fit_diffusion(loaded, gpu)
+        if fitted is None or not fitted.fits:
+            print(f"--fit: no micro-batch, checkpointing or optimizer setting fits {gpu.name}; lower "
+                  "data.images.resolution, use a VAE's latents (diffusion.vae) or a smaller model")
+            return 1
+        if not changes:
+            print("--fit: the recipe fits as it is")
+        else:
+            print(f"--fit: {' '.join(changes)}")
+            print(format_diffusion_plan(load_recipe(args.recipe, [*args.overrides, *changes]), fitted))
+    if args.measure:
+        print("--measure: a diffusion plan is already a measurement (of one step on fake tensors at full size)")
     return 0 if plan.fits or args.fit else 1
 
 

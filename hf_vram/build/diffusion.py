@@ -59,9 +59,6 @@ TEXT_DIM_KEY = {"unet2d-condition": "cross_attention_dim", "pixart": "caption_ch
 # Width of a text encoder trained from scratch when model.config does not set TEXT_DIM_KEY.
 SCRATCH_TEXT_DIM = {"unet2d-condition": 256, "pixart": 256}
 TEXT_LAYERS = 4
-# Width of the usual frozen encoders (for a parameter count without downloading their configs).
-KNOWN_TEXT_DIMS = {"openai/clip-vit-base-patch32": 512, "openai/clip-vit-large-patch14": 768,
-                   "google/t5-v1_1-small": 512, "google/t5-v1_1-base": 768, "google/t5-v1_1-xxl": 4096}
 DIT_NULL_CLASS = 1000
 # Keys of model.config that hf-vram sets from the data and the VAE.
 DERIVED_KEYS = {"in_channels", "out_channels", "sample_size", "num_embeds_ada_norm", "num_class_embeds"}
@@ -202,24 +199,29 @@ def load_text_encoder(recipe, captions=()):
                         "(data.images.caption_field) to train its tokenizer on")
     tok = train_bpe(captions, recipe.tokenizer.vocab_size, d.max_caption_length)
     _add_eos(tok)
+    encoder = scratch_text_encoder(recipe, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    return encoder, tok, True
+
+
+def scratch_text_encoder(recipe, vocab_size: int, pad_id: int = 0, bos_id: int | None = None, eos_id: int | None = None):
+    """A small text encoder (random weights) of the arch's family: CLIP for unet2d-condition, T5 for pixart."""
+    arch, d = recipe.model.arch, recipe.diffusion
     dim = scratch_text_dim(recipe)
     heads = max(1, dim // 64)
     if arch == "unet2d-condition":
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        config = CLIPTextConfig(vocab_size=len(tok), hidden_size=dim, intermediate_size=4 * dim,
+        config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=dim, intermediate_size=4 * dim,
                                 num_hidden_layers=TEXT_LAYERS, num_attention_heads=heads,
-                                max_position_embeddings=d.max_caption_length, pad_token_id=tok.pad_token_id,
-                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        encoder = CLIPTextModel(config)
-    else:
-        from transformers import T5Config, T5EncoderModel
+                                max_position_embeddings=d.max_caption_length, pad_token_id=pad_id,
+                                bos_token_id=bos_id, eos_token_id=eos_id)
+        return CLIPTextModel(config)
+    from transformers import T5Config, T5EncoderModel
 
-        config = T5Config(vocab_size=len(tok), d_model=dim, d_kv=64 if dim >= 64 else dim, d_ff=4 * dim,
-                          num_layers=TEXT_LAYERS, num_heads=heads, feed_forward_proj="gated-gelu",
-                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
-        encoder = T5EncoderModel(config)
-    return encoder, tok, True
+    config = T5Config(vocab_size=vocab_size, d_model=dim, d_kv=64 if dim >= 64 else dim, d_ff=4 * dim,
+                      num_layers=TEXT_LAYERS, num_heads=heads, feed_forward_proj="gated-gelu",
+                      pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id)
+    return T5EncoderModel(config)
 
 
 def text_dim_of(encoder) -> int:
@@ -280,31 +282,6 @@ def build(recipe, channels: int, resolution: int, num_classes: int | None = None
     noise, sample = schedulers(recipe)
     return DiffusionParts(arch, model, noise, sample, vae, num_classes, list(class_names), latent_channels, latent_size,
                           encoder, tok, trainable, recipe.diffusion.max_caption_length, recipe.diffusion.conditioning)
-
-
-def count_parameters_meta(recipe, channels: int | None = None, resolution: int | None = None) -> int:
-    """Parameters of the recipe's model, built on the meta device (no memory, no VAE download)."""
-    arch = recipe.model.arch
-    images = recipe.data.images if recipe.data else None
-    channels = channels or (images.channels if images else 3)
-    resolution = resolution or (images.resolution if images else 64)
-    latent_channels, size = (4, resolution // 8) if recipe.diffusion and recipe.diffusion.vae else (channels, resolution)
-    text_dim = None
-    if arch in TEXT_ARCHS and recipe.diffusion.text_encoder:
-        text_dim = KNOWN_TEXT_DIMS.get(recipe.diffusion.text_encoder)
-        if text_dim is None:
-            try:
-                from transformers import AutoConfig
-
-                tc = AutoConfig.from_pretrained(recipe.diffusion.text_encoder)
-                tc = getattr(tc, "text_config", tc)
-                text_dim = getattr(tc, "d_model", None) or tc.hidden_size
-            except Exception:  # offline and not cached: the model.config value or the default
-                text_dim = None
-    config = model_config(recipe, latent_channels, size, text_dim)
-    with torch.device("meta"):
-        model = model_class(arch)(**config)
-    return sum(p.numel() for p in model.parameters())
 
 
 def forward(parts: DiffusionParts, model, noisy, timesteps, labels=None):

@@ -323,10 +323,6 @@ def train(loaded: LoadedRecipe) -> dict:
         from hf_vram.train.assemble import assemble_recipe
 
         return assemble_recipe(loaded)
-    if loaded.recipe.task == "diffusion":
-        from hf_vram.train.diffusion import train_diffusion
-
-        return train_diffusion(loaded)
     if torch.cuda.is_available():
         from hf_vram.vram.estimate import ConfigUnavailable
         from hf_vram.vram.plan import current_gpu, preflight
@@ -336,6 +332,10 @@ def train(loaded: LoadedRecipe) -> dict:
         except ConfigUnavailable as e:
             # Loading the model will say what is wrong with its name; the plan alone must not stop the run.
             print(f"[hf-vram] not planned: {e}", flush=True)
+    if loaded.recipe.task == "diffusion":
+        from hf_vram.train.diffusion import train_diffusion
+
+        return train_diffusion(loaded)
     return fit(prepare(loaded))
 
 

@@ -46,3 +46,29 @@ KNOWN_TOKENIZER_SIZES = {
     "EleutherAI/gpt-neox-20b": 50277,
     "NousResearch/Llama-2-7b-hf": 32000,
 }
+
+# The frozen parts the shipped diffusion recipes name (their config.json on the Hub), so that the plan of a
+# diffusion recipe answers offline: the VAE's latent shape and size, and the text encoders' size.
+KNOWN_VAE_CONFIGS = {
+    "stabilityai/sd-vae-ft-mse": dict(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32,
+        act_fn="silu", sample_size=256, scaling_factor=0.18215),
+}
+_T5_V1_1 = dict(model_type="t5", vocab_size=32128, d_kv=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+KNOWN_TEXT_ENCODER_CONFIGS = {
+    "openai/clip-vit-base-patch32": dict(model_type="clip_text_model", vocab_size=49408, hidden_size=512,
+                                         intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                                         max_position_embeddings=77),
+    "openai/clip-vit-large-patch14": dict(model_type="clip_text_model", vocab_size=49408, hidden_size=768,
+                                          intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                          max_position_embeddings=77),
+    "google/t5-v1_1-small": dict(_T5_V1_1, d_model=512, d_ff=1024, num_layers=8, num_heads=6),
+    "google/t5-v1_1-base": dict(_T5_V1_1, d_model=768, d_ff=2048, num_layers=12, num_heads=12),
+    "google/t5-v1_1-xxl": dict(_T5_V1_1, d_model=4096, d_ff=10240, num_layers=24, num_heads=64),
+}
+KNOWN_DATASET_SIZES.update({
+    ("huggan/smithsonian_butterflies_subset", "train"): 1000,
+    ("uoft-cs/cifar10", "train"): 50000,
+    ("lambdalabs/naruto-blip-captions", "train"): 1221,
+})

@@ -116,11 +116,14 @@ def table_rows(gpu: GPU) -> list[dict]:
                          "predicted_peak_gib": "-", "fits": "-", "predicted_hours": None})
             continue
         if r.task == "diffusion":
-            # Not planned yet: the parameters of the diffusers model, built on the meta device.
-            from hf_vram.build.diffusion import count_parameters_meta
+            from hf_vram.vram.diffusion_plan import fit_diffusion, plan_diffusion
 
-            rows.append({"recipe": name, "kind": "diffusion", "parameters": count_parameters_meta(r),
-                         "predicted_peak_gib": "-", "fits": "-", "predicted_hours": None})
+            plan = plan_diffusion(loaded, gpu)
+            fitted = "" if plan.fits else " ".join(fit_diffusion(loaded, gpu)[0]) or "no setting fits"
+            rows.append({"recipe": name, "kind": f"diffusion {r.model.arch}", "parameters": plan.params,
+                         "predicted_peak_gib": round(plan.total / GiB, 2),
+                         "fits": "yes" if plan.fits else ("with " + fitted if fitted != "no setting fits" else "no"),
+                         "predicted_hours": round(plan.seconds / 3600, 2) if plan.seconds else None})
             continue
         inputs = planning_inputs(loaded)
         plan = plan_recipe(loaded, gpu, inputs)
@@ -157,15 +160,24 @@ def preflight(loaded: LoadedRecipe, gpu: GPU) -> LoadedRecipe:
     error saying what to change."""
     from hf_vram.errors import UserError
 
-    inputs = planning_inputs(loaded)
-    plan = plan_recipe(loaded, gpu, inputs)
+    if loaded.recipe.task == "diffusion":
+        from hf_vram.vram.diffusion_plan import fit_diffusion, plan_diffusion
+
+        plan = plan_diffusion(loaded, gpu)
+        fix = "lower data.images.resolution, use a VAE's latents (diffusion.vae) or a smaller model"
+        refit = lambda: fit_diffusion(loaded, gpu)  # noqa: E731
+    else:
+        inputs = planning_inputs(loaded)
+        plan = plan_recipe(loaded, gpu, inputs)
+        fix = "shorten data.max_length or quantize the base (quant.bits: 4)"
+        refit = lambda: fit_overrides(loaded, gpu, inputs)  # noqa: E731
     if plan.fits:
         return loaded
-    changes, fitted = fit_overrides(loaded, gpu, inputs)
+    changes, fitted = refit()
     over = f"{gib(plan.total - plan.usable)} over the {gib(plan.usable)} of {gpu.name}"
     if not changes or fitted is None or not fitted.fits:
         raise UserError(f"{loaded.name} is predicted to need {gib(plan.total)}, {over}, and no micro-batch, "
-                        "checkpointing or optimizer setting fits: shorten data.max_length or quantize the base (quant.bits: 4)")
+                        f"checkpointing or optimizer setting fits: {fix}")
     if not loaded.recipe.train.auto_fit:
         raise UserError(f"{loaded.name} is predicted to need {gib(plan.total)}, {over}; it fits with: {' '.join(changes)} "
                         f"(add them to the command line, or set train.auto_fit: true); see `hf-vram plan {loaded.name} --fit`")
