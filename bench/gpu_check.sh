@@ -2,7 +2,7 @@
 # GPU check for a lent CUDA machine (the CPU suite cannot reach these paths): the demo's QLoRA in bf16 with
 # bitsandbytes' CUDA kernels and paged 8-bit AdamW, the peak memory it records, the throughput bench, and the
 # fine-tuning tests on CUDA, where recipes compute in bf16 and trl keeps the adapters in bf16 (the recipe
-# family's tiny variants, DPO, ChatML tokens, every adapter kind, merge), GPT-2 124M's MFU, the VRAM check.
+# family's tiny variants, DPO, ChatML tokens, every adapter kind, merge), GPT-2 124M's MFU, the VRAM check, and every diffusion recipe at its real size.
 #   bash bench/gpu_check.sh        (about 5 minutes; needs the .venv of `make install` with a CUDA torch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,3 +22,4 @@ $PY bench/bench_train.py --steps 60
 $PY bench/gpu_gpt2_mfu.py --out "$OUT/gpt2_mfu.md"    # GPT-2 124M tokens/s and MFU, hf-vram vs a plain loop, under 3 minutes
 $PY -m pytest -q -x tests/test_recipe_family.py tests/test_adapters.py tests/test_merge.py
 $PY bench/gpu_vram_check.py --out "$OUT/gpu_vram.md"   # predicted vs measured VRAM at real sizes, under 6 minutes
+$PY bench/gpu_diffusion_check.py --out "$OUT/gpu_diffusion.md"   # every diffusion recipe at its real size: predicted vs measured peak

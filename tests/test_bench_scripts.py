@@ -4,6 +4,7 @@ size, fp32, no compile)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -58,3 +59,14 @@ def test_bench_diffusion_prints_the_ratio():
     assert number(r"ratio hf-vram / plain", out) > 0
     assert number(r"hf-vram \(diffusion, Accelerate\) images/s", out) > 0
     assert number(r"plain diffusers loop images/s", out) > 0
+
+
+def test_gpu_diffusion_check_dry_run(tmp_path):
+    """The GPU check's path on the CPU: a shipped latent-space recipe with its frozen VAE replaced by a random one
+    of the same config, trained one step at a tiny size through the real runner, next to its plan."""
+    table = tmp_path / "diffusion.md"
+    out = run_script("bench/gpu_diffusion_check.py", "--dry-run", "--steps", "1", "--recipes", "dit-s2-cifar10",
+                     "--out", str(table), timeout=300)
+    row = json.loads(next(line for line in out.splitlines() if line.startswith('{"recipe"')))
+    assert row["recipe"] == "dit-s2-cifar10" and row["steps"] == 1 and row["predicted_gib"] > 0
+    assert "| dit-s2-cifar10 | 1 | 64 | 1 |" in table.read_text()
