@@ -2,7 +2,8 @@
 # GPU check for a lent CUDA machine (the CPU suite cannot reach these paths): the demo's QLoRA in bf16 with
 # bitsandbytes' CUDA kernels and paged 8-bit AdamW, the peak memory it records, the throughput bench, and the
 # fine-tuning tests on CUDA, where recipes compute in bf16 and trl keeps the adapters in bf16 (the recipe
-# family's tiny variants, DPO, ChatML tokens, every adapter kind, merge), GPT-2 124M's MFU, the VRAM check, and every diffusion recipe at its real size.
+# family's tiny variants, DPO, ChatML tokens, every adapter kind, merge), GPT-2 124M's MFU, the VRAM check, and
+# every diffusion recipe at its real size.
 #   bash bench/gpu_check.sh        (about 5 minutes; needs the .venv of `make install` with a CUDA torch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
