@@ -74,6 +74,8 @@ def test_plan_counts_frozen_parts_and_the_vae_encoding(tmp_path):
     assert plan.steps == 10 and plan.seconds > 0 and plan.fits
     no_ema = plan_diffusion(load_recipe(str(loaded.path), ["diffusion.ema=false"]), GPU)
     assert "EMA weights" not in {i.name for i in no_ema.items} and no_ema.total < plan.total
+    cached = plan_diffusion(load_recipe(str(loaded.path), ["diffusion.cache_latents=true"]), GPU)
+    assert "VAE encoding" not in {i.name for i in cached.items} and cached.flops_per_token < plan.flops_per_token
     eight_bit = plan_diffusion(load_recipe(str(loaded.path), ["train.optimizer=adamw_8bit"]), GPU)
     assert {i.name: i.bytes for i in eight_bit.items}["optimizer states"] < items["optimizer states"] / 3
 

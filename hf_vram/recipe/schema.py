@@ -260,6 +260,9 @@ class DiffusionSection(Section):
     # Frozen pretrained VAE (Hub id or folder, e.g. stabilityai/sd-vae-ft-mse): the model learns in its latent space;
     # empty = pixel space.
     vae: str | None = None
+    # Precompute the frozen VAE's latents, and a frozen text encoder's caption embeddings, once before training, and
+    # train from that cache (OUTPUT_DIR/prepared/latents/): no encoder runs per step; random_flip is kept.
+    cache_latents: bool = False
     # Noise schedule of training (diffusers' DDPMScheduler): linear (DDPM's), squaredcos_cap_v2 (cosine), scaled_linear.
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     # Diffusion steps of the noise schedule.
@@ -397,4 +400,7 @@ class Recipe(Section):
             raise ValueError(f"diffusion.vae: arch {arch} is saved as a pipeline that decodes latents with a VAE: name a "
                              "pretrained AutoencoderKL (e.g. stabilityai/sd-vae-ft-mse); unet2d and unet2d-condition "
                              "also run in pixel space")
+        if d.cache_latents and not d.vae:
+            raise ValueError("diffusion.cache_latents: caches the latents of a frozen VAE, and a pixel-space model "
+                             "(no diffusion.vae) has none: name diffusion.vae or set cache_latents: false")
         return self

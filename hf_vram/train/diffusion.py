@@ -9,6 +9,8 @@ when diffusion.ema), `recipe.yaml`, a model card, samples/step-XXXXXX.png, memor
 TensorBoard logs under logs/, and `train_summary.json`, written last: its presence means the run finished.
 Checkpoints (`accelerator.save_state`) are written to a hidden temporary folder, flushed, marked complete and then
 renamed to checkpoint-N; re-running on the same output directory resumes from the last complete one.
+With diffusion.cache_latents the VAE's latents (and a frozen text encoder's caption embeddings) are computed once
+into OUTPUT_DIR/prepared/latents/ (data_prep/latent_cache.py) and the steps read them instead of encoding.
 """
 
 from __future__ import annotations
@@ -176,8 +178,9 @@ def _sample_grid(parts, model, recipe, data, path: Path, accelerator, ema=None) 
         pipe.set_progress_bar_config(disable=True)
         labels = sample_classes(data, d.num_samples) if parts.conditioning == "class" else None
         prompts = _sample_prompts(recipe, data) if parts.conditioning == "text" else None
-        images = generate(pipe, parts, d.num_samples, d.inference_steps, d.guidance_scale, recipe.train.seed, labels,
-                          prompts)
+        with _frozen_in_fp32(parts):
+            images = generate(pipe, parts, d.num_samples, d.inference_steps, d.guidance_scale, recipe.train.seed,
+                              labels, prompts)
     finally:
         if ema is not None:
             ema.restore(params)
@@ -192,6 +195,44 @@ def _encode(parts, pixel_values):
     with torch.no_grad():
         latents = parts.vae.encode(pixel_values.to(parts.vae.dtype)).latent_dist.mode()
     return latents * parts.vae.config.scaling_factor
+
+
+def _cached_conditions(batch, parts, cache, cond_dropout: float, device):
+    """_conditions for a batch of the latent cache: caption embeddings are looked up, and a dropped caption is the
+    cached empty one (row 0), as encoding "" would give."""
+    if not (cache.embeds is not None and parts.conditioning == "text"):
+        return _conditions(batch, parts, cond_dropout, device)
+    rows = batch["caption_index"].cpu()
+    if cond_dropout > 0:
+        rows = torch.where(torch.rand(rows.shape[0]) < cond_dropout, torch.zeros_like(rows), rows)
+    return cache.text(rows, device)
+
+
+def _frozen_modules(parts) -> list:
+    return [m for m in (parts.vae, None if parts.text_trainable else parts.text_encoder) if m is not None]
+
+
+def _cast(module, dtype) -> None:
+    # Only when it changes something: diffusers warns on every dtype cast of a model.
+    if module.dtype != dtype:
+        module.to(dtype)
+
+
+class _frozen_in_fp32:
+    """The frozen VAE and text encoder in float32 for the duration (sampling: the stock pipelines feed the VAE
+    the model's float32 latents, and take the text encoder's dtype for the latents), then back."""
+
+    def __init__(self, parts):
+        self.modules = _frozen_modules(parts)
+        self.dtypes = [m.dtype for m in self.modules]
+
+    def __enter__(self):
+        for m in self.modules:
+            _cast(m, torch.float32)
+
+    def __exit__(self, *exc):
+        for m, dtype in zip(self.modules, self.dtypes):
+            _cast(m, dtype)
 
 
 def model_card(loaded: LoadedRecipe, summary: dict) -> str:
@@ -252,6 +293,7 @@ def train_diffusion(loaded: LoadedRecipe) -> dict:
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
     from data_prep.images import collate, load_images
+    from data_prep.latent_cache import build_latent_cache, cache_root, collate_latents
     from hf_vram.build.diffusion import build, save_pipeline
 
     recipe, out = loaded.recipe, loaded.output_dir
@@ -295,8 +337,24 @@ def train_diffusion(loaded: LoadedRecipe) -> dict:
         ema_params = list(model.parameters()) + (list(parts.text_encoder.parameters()) if parts.text_trainable else [])
         ema = EMAModel(ema_params, decay=d.ema_decay, model_cls=type(model), model_config=model.config)
 
-    loader = torch.utils.data.DataLoader(data.dataset, batch_size=t.micro_batch_size, shuffle=True,
-                                         collate_fn=collate, drop_last=len(data) >= t.micro_batch_size,
+    # As diffusers' training examples: frozen parts in the weight dtype of bf16 mixed precision (half their memory,
+    # and what autocast would compute in anyway). Not in fp16: the SD VAE overflows in fp16.
+    frozen_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    for m in _frozen_modules(parts):
+        m.to(accelerator.device)
+        _cast(m, frozen_dtype)
+
+    cache = None
+    train_set, collate_fn = data.dataset, collate
+    if d.cache_latents:
+        # The main process encodes; the others wait, then read what it wrote.
+        with accelerator.main_process_first():
+            cache = build_latent_cache(recipe, data, parts, accelerator.device, cache_root(out), show=_log)
+        if main:
+            _log(f"latent cache {'reused' if cache.reused else 'built'}: {cache.describe()}")
+        train_set, collate_fn = cache.dataset, collate_latents
+    loader = torch.utils.data.DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True,
+                                         collate_fn=collate_fn, drop_last=len(data) >= t.micro_batch_size,
                                          num_workers=0)
     updates_per_epoch = max(1, math.ceil(len(loader) / t.grad_accum))
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * updates_per_epoch))
@@ -307,10 +365,6 @@ def train_diffusion(loaded: LoadedRecipe) -> dict:
     if parts.text_trainable:
         # Prepared (device, precision, DDP) and saved in the checkpoints with the model.
         parts.text_encoder = accelerator.prepare(parts.text_encoder)
-    elif parts.text_encoder is not None:
-        parts.text_encoder.to(accelerator.device)
-    if parts.vae is not None:
-        parts.vae.to(accelerator.device)
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
@@ -361,8 +415,12 @@ def train_diffusion(loaded: LoadedRecipe) -> dict:
         skip = 0
         for batch in epoch_loader:
             with accelerator.accumulate(model):
-                latents = _encode(parts, batch["pixel_values"])
-                labels = _conditions(batch, parts, d.cond_dropout, accelerator.device)
+                if cache is not None:
+                    latents = batch["latents"].float()
+                    labels = _cached_conditions(batch, parts, cache, d.cond_dropout, accelerator.device)
+                else:
+                    latents = _encode(parts, batch["pixel_values"]).float()
+                    labels = _conditions(batch, parts, d.cond_dropout, accelerator.device)
                 loss = diffusion_loss(parts, model, latents, labels, d.snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
@@ -429,6 +487,8 @@ def train_diffusion(loaded: LoadedRecipe) -> dict:
     unwrapped.eval()
     if parts.text_encoder is not None:
         parts.text_encoder.eval()
+    for m in _frozen_modules(parts):  # saved as loaded, not in the training-time dtype
+        _cast(m, torch.float32)
     grid = _sample_grid(parts, unwrapped, recipe, data, samples_dir / f"step-{step:06d}.png", accelerator)
     summary["samples"] = str(grid)
     summary["ema"] = ema is not None

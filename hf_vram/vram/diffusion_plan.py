@@ -248,7 +248,7 @@ def _frozen(shapes: _Shapes, micro: int, precision: str) -> tuple[list[Item], in
         n = sum(p.numel() for p in vae.parameters())
         params += n
         items.append(Item("VAE (frozen)", n * size, f"{n:,} parameters in {str(dtype).removeprefix('torch.')}"))
-        if not getattr(d, "cache_latents", False):
+        if not d.cache_latents:
             counter = FlopCounterMode(display=False)
             with counter:
                 encode_peak = _peak_of(lambda: vae.encode(px).latent_dist.mode(), fake)
@@ -259,7 +259,7 @@ def _frozen(shapes: _Shapes, micro: int, precision: str) -> tuple[list[Item], in
         n = sum(p.numel() for p in encoder.parameters())
         params += n
         items.append(Item("text encoder (frozen)", n * size, f"{n:,} parameters in {str(dtype).removeprefix('torch.')}"))
-        if not getattr(d, "cache_latents", False):
+        if not d.cache_latents:
             flops += 2 * n * micro * d.max_caption_length  # a forward: 2 FLOPs per weight and token
     return items, encode_peak, params, flops
 
