@@ -20,10 +20,12 @@ from hf_vram.errors import UserError
 OUTPUT_MARKERS = ("config.json", "adapter_config.json", "model_index.json")
 
 # Files that serve training or resuming only; the model, tokenizer, card, resolved recipe and
-# train_summary.json are what a reader of the repository needs. TensorBoard logs under runs/ are kept:
-# they are small, and the Hub shows them as the repository's training metrics.
+# train_summary.json are what a reader of the repository needs. TensorBoard logs (runs/, or logs/ of a diffusion
+# run) are kept: they are small, and the Hub shows them as the repository's training metrics; so are a diffusion
+# run's sample grids (samples/), which show what the model draws.
 IGNORE_PATTERNS = [
     "checkpoint-*",  # resumable checkpoints (optimizer states: several times the model's size)
+    ".checkpoint-*",  # a diffusion checkpoint still being written (renamed to checkpoint-N once complete)
     "tokenizer-trained/*",  # the training-time copy; the output's own tokenizer files sit beside the model
     "prepared/*",  # tokenized data cache
     "score_before.json",  # kept for resuming; the card and train_summary.json hold both scores

@@ -7,6 +7,7 @@ it is imported, so every push runs in a subprocess pointed at the stub, with a t
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 from pathlib import Path
@@ -228,3 +229,78 @@ def test_model_card_names_hub_base_and_dataset(tmp_path):
     assert data["library_name"] == "transformers" and data["base_model_relation"] == "finetune"
     assert {"sft"} <= set(data["tags"]) and not {"lora", "qlora", "dpo"} & set(data["tags"])
     assert "None" not in card.text and "held-out" not in card.text and "peak memory" not in card.text
+
+
+DIFFUSION_REPO = "hf-vram-tests/tiny-ddpm"
+CLASS_DIFFUSION_REPO = "hf-vram-tests/tiny-class-digits"
+PIPELINE_FILES = {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                  "scheduler/scheduler_config.json", "README.md", "recipe.yaml", "train_summary.json"}
+
+
+@pytest.fixture(scope="module")
+def diffusion_outputs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny variants of two shipped diffusion recipes, trained in this process (their recipes name no repository):
+    unconditional (a stock DDPMPipeline) and class-conditional (hf-vram's ClassConditionalPipeline, its code beside
+    model_index.json), each with a checkpoint, sample grids and TensorBoard logs."""
+    pytest.importorskip("sklearn")
+    from hf_vram.train.lm import train
+
+    from .test_diffusion_recipes import tiny_diffusion
+
+    folder = tmp_path_factory.mktemp("diffusion")
+    outs = {}
+    for name in ("unet-ddpm-64", "unet-class-digits"):
+        outs[name] = folder / name
+        train(tiny_diffusion(name, outs[name], max_steps=4, **{"train.report_to": ["tensorboard"]}))
+    return outs
+
+
+def pushed_diffusion(hub: HubStub, hf_home: str, out: Path, repo: str) -> dict[str, bytes]:
+    assert list(out.glob("checkpoint-*")) and list((out / "logs").rglob("*tfevents*"))
+    # What a kill during a checkpoint save leaves behind (a resumed run removes it; a push must not upload it).
+    leftover = out / ".checkpoint-4.tmp"
+    leftover.mkdir(exist_ok=True)
+    (leftover / "optimizer.bin").write_bytes(b"\0" * 64)
+    result = push(hub, hf_home, str(out), "--repo", repo)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip().splitlines()[-1] == f"{hub.url}/{repo}"
+    assert_token_kept_secret(hub, result)
+    arrived = hub.files[repo]
+    assert arrived == {k: v for k, v in expected_files(out).items() if not k.startswith(".checkpoint-")}
+    assert PIPELINE_FILES <= arrived.keys()
+    assert not [p for p in arrived if p.startswith(("checkpoint-", ".checkpoint-"))]
+    # Kept, as a language model's runs/: small, and the Hub shows TensorBoard traces as the training metrics; the
+    # sample grids show what the model draws.
+    assert [p for p in arrived if p.startswith("logs/") and "tfevents" in p]
+    assert "samples/step-000004.png" in arrived
+    data = pushed_card(hub, repo).data.to_dict()
+    assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "unconditional-image-generation"
+    assert {"hf-vram", "diffusers", "unet2d"} <= set(data["tags"])
+    return arrived
+
+
+def test_push_diffusion_output(hub, hf_home, diffusion_outputs):
+    arrived = pushed_diffusion(hub, hf_home, diffusion_outputs["unet-ddpm-64"], DIFFUSION_REPO)
+    assert {"repo_id": DIFFUSION_REPO, "private": True, "type": "model"} in hub.created
+    assert json.loads(arrived["model_index.json"])["_class_name"] == "DDPMPipeline"
+    assert "pixel_pipelines.py" not in arrived
+
+
+def test_push_class_conditional_diffusion_output_carries_its_pipeline_code(hub, hf_home, diffusion_outputs):
+    """trust_remote_code loading from the Hub imports the pipeline from the repository: its code must travel."""
+    from hf_vram.pipelines import pixel_pipelines
+
+    arrived = pushed_diffusion(hub, hf_home, diffusion_outputs["unet-class-digits"], CLASS_DIFFUSION_REPO)
+    assert json.loads(arrived["model_index.json"])["_class_name"] == ["pixel_pipelines", "ClassConditionalPipeline"]
+    assert arrived["pixel_pipelines.py"] == Path(pixel_pipelines.__file__).read_bytes()
+    assert "trust_remote_code=True" in arrived["README.md"].decode()
+
+
+def test_pushed_diffusion_card_loads_from_the_repository(hub, hf_home, diffusion_outputs, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(diffusion_outputs["unet-ddpm-64"], copy)
+    result = push(hub, hf_home, str(copy), "--repo", "hf-vram-tests/tiny-ddpm-card")
+    assert result.returncode == 0, result.stderr[-4000:]
+    readme = hub.files["hf-vram-tests/tiny-ddpm-card"]["README.md"].decode()
+    assert 'model_id = "hf-vram-tests/tiny-ddpm-card"\npipe = DiffusionPipeline.from_pretrained(model_id)' in readme
+    assert str(copy) not in readme

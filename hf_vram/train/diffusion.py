@@ -282,7 +282,8 @@ def model_card(loaded: LoadedRecipe, summary: dict) -> str:
         "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
         f"# {loaded.name}\n\n{r.description}\n\nTrained with hf-vram from the recipe `{loaded.name}` (the resolved recipe is `recipe.yaml`).\n\n"
         "## Usage\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
-        f'pipe = DiffusionPipeline.from_pretrained("{where}"{trust})\nimages = {call}\n```\n\n{custom}'
+        f"model_id = {json.dumps(where)}\npipe = DiffusionPipeline.from_pretrained(model_id{trust})\n"
+        f"images = {call}\n```\n\n{custom}"
         f"## Training\n\n| | |\n|---|---|\n{table}\n"
     )
 
