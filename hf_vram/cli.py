@@ -243,20 +243,28 @@ def _generate_images(out: Path, prompt: str) -> int:
     pipe = load_pipeline(out)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
+    # The sampler settings the run drew its own sample grids with (the pipelines' defaults are ImageNet-sized).
+    kw = {}
+    if (out / "recipe.yaml").is_file():
+        import yaml
+
+        d = (yaml.safe_load((out / "recipe.yaml").read_text()) or {}).get("diffusion") or {}
+        kw = {"num_inference_steps": d.get("inference_steps", 50)}
+        if d.get("conditioning", "none") != "none":
+            kw["guidance_scale"] = d.get("guidance_scale", 3.0)
     if hasattr(pipe, "get_label_ids"):  # class-conditional: DiTPipeline, ClassConditionalPipeline
         try:
             ids = pipe.get_label_ids([prompt] * 4)
         except ValueError:
             raise UserError(f"{out}: '{prompt}' is not one of its classes: {', '.join(sorted(pipe.labels))}") from None
-        images = pipe(class_labels=ids, generator=generator).images
+        images = pipe(class_labels=ids, generator=generator, **kw).images
     elif hasattr(pipe, "tokenizer"):
-        kw = {}
         if type(pipe).__name__ == "PixArtAlphaPipeline":  # its resolution bins exist only for 256 px and up
-            kw = dict(use_resolution_binning=False, clean_caption=False,
+            kw.update(use_resolution_binning=False, clean_caption=False,
                       max_sequence_length=pipe.tokenizer.model_max_length)
         images = pipe([prompt] * 4, generator=generator, **kw).images
     else:
-        images = pipe(batch_size=4, generator=generator).images
+        images = pipe(batch_size=4, generator=generator, **kw).images
     name = "".join(c if c.isalnum() else "-" for c in prompt)[:40] or "samples"
     print(save_grid(images, out / "generated" / f"{name}.png"))
     return 0

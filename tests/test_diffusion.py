@@ -186,6 +186,18 @@ def test_class_conditional_unet_in_pixel_space(tmp_path):
     # (200 steps: 0.27-0.76 guided, too seed-dependent to assert on).
     assert guided > 0.6 and unguided > 0.3
 
+    # `hf-vram generate OUTPUT "7"`: four 7s (with the recipe's own sampler settings) in a 2x2 grid, read back.
+    from PIL import Image
+
+    from hf_vram.cli import main
+
+    assert main(["generate", str(out), "7"]) == 0
+    grid = np.asarray(Image.open(out / "generated" / "7.png").convert("L"), dtype=np.float32) / 255
+    assert grid.shape == (38, 38)  # 2x2 cells of 16 px framed by 2 px
+    tiles = np.stack([grid[i:i + 16, j:j + 16] for i in (2, 20) for j in (2, 20)]).reshape(4, -1)
+    assert (clf.predict(tiles) == 7).sum() >= 3
+    assert main(["generate", str(out), "seven"]) == 2  # not one of its classes (the error names them)
+
 
 STEPS_CLASS_UNET = 400
 

@@ -246,7 +246,10 @@ def schedulers(recipe):
     d = recipe.diffusion
     kw = dict(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule, prediction_type=d.prediction_type)
     noise = DDPMScheduler(**kw)
-    sample = DDIMScheduler(**kw, clip_sample=recipe.diffusion.vae is None) if d.sampler == "ddim" else DDPMScheduler(**kw)
+    # DDIM: clip x0 to [-1, 1] in pixel space only (latents are not bounded); steps_offset 1 as Stable Diffusion's
+    # DDIM (StableDiffusionPipeline rewrites and warns about 0).
+    sample = (DDIMScheduler(**kw, clip_sample=recipe.diffusion.vae is None, steps_offset=1) if d.sampler == "ddim"
+              else DDPMScheduler(**kw))
     return noise, sample
 
 
