@@ -150,57 +150,45 @@ def _cmd_assemble(args) -> int:
 def _cmd_plan(args) -> int:
     from hf_vram.recipe.load import load_recipe
     from hf_vram.vram.gpus import get_gpu
-    from hf_vram.vram.plan import fit_overrides, format_plan, plan_recipe, planning_inputs
 
     gpu = get_gpu(args.gpu)
     loaded = load_recipe(args.recipe, args.overrides)
-    if loaded.recipe.task == "diffusion":
-        return _plan_diffusion(loaded, gpu, args)
     if loaded.recipe.task == "assemble":
         print(f"{loaded.name}: task assemble trains nothing (the experts are copied into one model on the CPU); plan "
               "the recipe that fine-tunes its output (model.name_or_path: recipe:NAME)")
         return 0
-    inputs = planning_inputs(loaded)
-    plan = plan_recipe(loaded, gpu, inputs)
-    print(format_plan(loaded, plan))
+    if loaded.recipe.task == "diffusion":
+        from hf_vram.vram.diffusion_plan import fit_diffusion, format_diffusion_plan, plan_diffusion
+
+        plan = plan_diffusion(loaded, gpu)
+        fmt, refit = format_diffusion_plan, lambda: fit_diffusion(loaded, gpu)
+        fix = "lower data.images.resolution, use a VAE's latents (diffusion.vae) or a smaller model"
+    else:
+        from hf_vram.vram.plan import fit_overrides, format_plan, plan_recipe, planning_inputs
+
+        inputs = planning_inputs(loaded)
+        plan = plan_recipe(loaded, gpu, inputs)
+        fmt, refit = format_plan, lambda: fit_overrides(loaded, gpu, inputs)
+        fix = "shorten data.max_length or try " + (
+            "a smaller model" if loaded.recipe.model.arch else "quantizing the base (quant.bits: 4)")
+    print(fmt(loaded, plan))
     if args.fit:
-        changes, fitted = fit_overrides(loaded, gpu, inputs)
+        changes, fitted = refit()
         if fitted is None or not fitted.fits:
-            fix = "a smaller model" if loaded.recipe.model.arch else "quantizing the base (quant.bits: 4)"
-            print(f"--fit: no micro-batch, checkpointing or optimizer setting fits {gpu.name}; shorten data.max_length "
-                  f"or try {fix}")
+            print(f"--fit: no micro-batch, checkpointing or optimizer setting fits {gpu.name}; {fix}")
             return 1
         if not changes:
             print("--fit: the recipe fits as it is")
         else:
             print(f"--fit: {' '.join(changes)}")
-            print(format_plan(load_recipe(args.recipe, [*args.overrides, *changes]), fitted))
+            print(fmt(load_recipe(args.recipe, [*args.overrides, *changes]), fitted))
     if args.measure:
-        from hf_vram.vram.compare import measure_and_compare
-
-        print(measure_and_compare(loaded))
-    return 0 if plan.fits or args.fit else 1
-
-
-def _plan_diffusion(loaded, gpu, args) -> int:
-    from hf_vram.recipe.load import load_recipe
-    from hf_vram.vram.diffusion_plan import fit_diffusion, format_diffusion_plan, plan_diffusion
-
-    plan = plan_diffusion(loaded, gpu)
-    print(format_diffusion_plan(loaded, plan))
-    if args.fit:
-        changes, fitted = fit_diffusion(loaded, gpu)
-        if fitted is None or not fitted.fits:
-            print(f"--fit: no micro-batch, checkpointing or optimizer setting fits {gpu.name}; lower "
-                  "data.images.resolution, use a VAE's latents (diffusion.vae) or a smaller model")
-            return 1
-        if not changes:
-            print("--fit: the recipe fits as it is")
+        if loaded.recipe.task == "diffusion":
+            print("--measure: a diffusion plan is already a measurement (of one step on fake tensors at full size)")
         else:
-            print(f"--fit: {' '.join(changes)}")
-            print(format_diffusion_plan(load_recipe(args.recipe, [*args.overrides, *changes]), fitted))
-    if args.measure:
-        print("--measure: a diffusion plan is already a measurement (of one step on fake tensors at full size)")
+            from hf_vram.vram.compare import measure_and_compare
+
+            print(measure_and_compare(loaded))
     return 0 if plan.fits or args.fit else 1
 
 

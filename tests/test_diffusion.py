@@ -197,6 +197,10 @@ def test_class_conditional_unet_in_pixel_space(tmp_path):
     tiles = np.stack([grid[i:i + 16, j:j + 16] for i in (2, 20) for j in (2, 20)]).reshape(4, -1)
     assert (clf.predict(tiles) == 7).sum() >= 3
     assert main(["generate", str(out), "seven"]) == 2  # not one of its classes (the error names them)
+    # hf-vram runs the saved pipeline code only when it is its own file, byte for byte.
+    with open(out / "pixel_pipelines.py", "a") as f:
+        f.write("\n# edited\n")
+    assert main(["generate", str(out), "7"]) == 2
 
 
 STEPS_CLASS_UNET = 400

@@ -397,7 +397,8 @@ def load_pipeline(out):
         saved = out / f"{CUSTOM_PIPELINE_MODULE}.py"
         trust = saved.is_file() and saved.read_bytes() == Path(pixel_pipelines.__file__).read_bytes()
         if not trust:
-            raise UserError(f"{out}: model_index.json names custom pipeline code that is not hf-vram's "
-                            f"{CUSTOM_PIPELINE_MODULE}.py; inspect it and load it with "
-                            "DiffusionPipeline.from_pretrained(..., trust_remote_code=True)")
+            raise UserError(f"{out}: model_index.json names custom pipeline code, and {saved.name} is not this "
+                            f"hf-vram's {CUSTOM_PIPELINE_MODULE}.py (another version, or edited); inspect it and load "
+                            "it with DiffusionPipeline.from_pretrained(..., trust_remote_code=True), or copy "
+                            f"{pixel_pipelines.__file__} over it")
     return DiffusionPipeline.from_pretrained(str(out), trust_remote_code=trust)

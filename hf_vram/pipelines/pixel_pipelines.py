@@ -26,6 +26,21 @@ def _guided(model_output: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     return uncond + guidance_scale * (cond - uncond)
 
 
+def _denoise(pipe, images: torch.Tensor, num_inference_steps: int, guidance_scale: float, generator,
+             **condition) -> torch.Tensor:
+    """The sampling loop: with guidance, the batch runs twice (conditions, then their null/empty halves)."""
+    guide = guidance_scale > 1
+    pipe.scheduler.set_timesteps(num_inference_steps)
+    for t in pipe.progress_bar(pipe.scheduler.timesteps):
+        model_in = torch.cat([images, images]) if guide else images
+        model_in = pipe.scheduler.scale_model_input(model_in, t)
+        out = pipe.unet(model_in, t, **condition).sample
+        if guide:
+            out = _guided(out, guidance_scale)
+        images = pipe.scheduler.step(out, t, images, generator=generator).prev_sample
+    return images
+
+
 def _to_output(pipe, images: torch.Tensor, output_type: str, return_dict: bool):
     images = (images / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
@@ -76,14 +91,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
         images = randn_tensor((len(class_labels), self.unet.config.in_channels, size, size), generator=generator,
                               device=device, dtype=self.unet.dtype)
-        self.scheduler.set_timesteps(num_inference_steps)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_in = torch.cat([images, images]) if guide else images
-            model_in = self.scheduler.scale_model_input(model_in, t)
-            out = self.unet(model_in, t, class_labels=labels).sample
-            if guide:
-                out = _guided(out, guidance_scale)
-            images = self.scheduler.step(out, t, images, generator=generator).prev_sample
+        images = _denoise(self, images, num_inference_steps, guidance_scale, generator, class_labels=labels)
         return _to_output(self, images, output_type, return_dict)
 
 
@@ -124,12 +132,6 @@ class PixelTextToImagePipeline(DiffusionPipeline):
             emb = torch.cat([emb, self.encode_prompt(negative, device)])
         images = randn_tensor((len(prompts), self.unet.config.in_channels, height, width), generator=generator,
                               device=device, dtype=self.unet.dtype)
-        self.scheduler.set_timesteps(num_inference_steps)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_in = torch.cat([images, images]) if guide else images
-            model_in = self.scheduler.scale_model_input(model_in, t)
-            out = self.unet(model_in, t, encoder_hidden_states=emb.to(self.unet.dtype)).sample
-            if guide:
-                out = _guided(out, guidance_scale)
-            images = self.scheduler.step(out, t, images, generator=generator).prev_sample
+        images = _denoise(self, images, num_inference_steps, guidance_scale, generator,
+                          encoder_hidden_states=emb.to(self.unet.dtype))
         return _to_output(self, images, output_type, return_dict)

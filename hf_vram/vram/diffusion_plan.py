@@ -314,29 +314,13 @@ def plan_diffusion(loaded: LoadedRecipe, gpu: GPU, shapes: _Shapes | None = None
 
 
 def fit_diffusion(loaded: LoadedRecipe, gpu: GPU) -> tuple[list[str], Plan]:
-    """The largest micro-batch that fits (the global batch kept through accumulation), then gradient checkpointing,
-    then 8-bit AdamW: the overrides (empty when it fits as it is) and their plan."""
-    r = loaded.recipe
-    t = r.train
-    shapes = _Shapes(loaded)
-    images = image_count(loaded)
-    global_batch = t.micro_batch_size * t.grad_accum
-    micros = [mb for mb in range(global_batch, 0, -1) if global_batch % mb == 0]
-    stages = [{}]
-    if not t.gradient_checkpointing:
-        stages.append({"gradient_checkpointing": True})
-    if t.optimizer not in OPTIMIZERS_8BIT:
-        stages.append({**stages[-1], "optimizer": "adamw_8bit"})
-    last = None
-    for stage in stages:
-        for micro in micros:
-            change = {**stage, "micro_batch_size": micro, "grad_accum": global_batch // micro}
-            candidate = r.model_copy(update={"train": t.model_copy(update=change)})
-            last = plan_diffusion(replace(loaded, recipe=candidate), gpu, shapes, images)
-            if last.fits:
-                return [f"train.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items()
-                        if getattr(t, k) != v], last
-    return [], last
+    """plan.fit_search for a diffusion recipe (its frozen parts' configs and image count read once); the 8-bit
+    optimizer is bitsandbytes' AdamW8bit (the runner has no paged variant of its own)."""
+    from hf_vram.vram.plan import fit_search
+
+    shapes, images = _Shapes(loaded), image_count(loaded)
+    return fit_search(loaded.recipe, lambda r: plan_diffusion(replace(loaded, recipe=r), gpu, shapes, images),
+                      optimizer_8bit="adamw_8bit")
 
 
 def format_diffusion_plan(loaded: LoadedRecipe, plan: Plan) -> str:

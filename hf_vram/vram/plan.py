@@ -39,12 +39,11 @@ def plan_recipe(loaded: LoadedRecipe, gpu: GPU, inputs=None) -> Plan:
     return estimate(config, loaded.recipe, gpu, samples=samples, counts=counts)
 
 
-def fit_overrides(loaded: LoadedRecipe, gpu: GPU, inputs=None) -> tuple[list[str], Plan]:
+def fit_search(recipe, plan_of, optimizer_8bit: str = "paged_adamw_8bit") -> tuple[list[str], Plan]:
     """The smallest change that makes the recipe fit: the largest micro-batch that fits (the global batch kept
-    through gradient accumulation), then gradient checkpointing, then an 8-bit paged optimizer. Returns the
-    overrides (empty when the recipe fits as it is, at its largest micro-batch) and the plan they give."""
-    recipe = loaded.recipe
-    config, counts, samples = inputs or planning_inputs(loaded)
+    through gradient accumulation), then gradient checkpointing, then an 8-bit optimizer. plan_of(recipe) plans a
+    candidate. Returns the overrides (empty when the recipe fits as it is, at its largest micro-batch) and the plan
+    they give."""
     t = recipe.train
     global_batch = t.micro_batch_size * t.grad_accum
     micros = [m for m in range(global_batch, 0, -1) if global_batch % m == 0]
@@ -52,16 +51,21 @@ def fit_overrides(loaded: LoadedRecipe, gpu: GPU, inputs=None) -> tuple[list[str
     if not t.gradient_checkpointing:
         stages.append({"gradient_checkpointing": True})
     if t.optimizer not in OPTIMIZERS_8BIT:
-        stages.append({**stages[-1], "optimizer": "paged_adamw_8bit"})
+        stages.append({**stages[-1], "optimizer": optimizer_8bit})
     last = None
     for stage in stages:
         for micro in micros:
             change = {**stage, "micro_batch_size": micro, "grad_accum": global_batch // micro}
-            candidate = recipe.model_copy(update={"train": t.model_copy(update=change)})
-            last = estimate(config, candidate, gpu, samples=samples, counts=counts)
+            last = plan_of(recipe.model_copy(update={"train": t.model_copy(update=change)}))
             if last.fits:
                 return [f"train.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items() if getattr(t, k) != v], last
     return [], last
+
+
+def fit_overrides(loaded: LoadedRecipe, gpu: GPU, inputs=None) -> tuple[list[str], Plan]:
+    """fit_search for a language model (its config, parameter counts and records read once)."""
+    config, counts, samples = inputs or planning_inputs(loaded)
+    return fit_search(loaded.recipe, lambda r: estimate(config, r, gpu, samples=samples, counts=counts))
 
 
 def gib(n: float) -> str:
