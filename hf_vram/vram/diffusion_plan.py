@@ -125,6 +125,7 @@ class _Shapes:
             self.text_dim = scratch_text_dim(r)
         else:
             self.text_dim = None
+        # Classes read from the data at training time; 10 stands in here (one embedding row each: no measurable bytes).
         self.num_classes = d.num_classes or (10 if d.conditioning == "class" else None)
 
 
