@@ -325,7 +325,7 @@ def fit_diffusion(loaded: LoadedRecipe, gpu: GPU) -> tuple[list[str], Plan]:
 
 
 def format_diffusion_plan(loaded: LoadedRecipe, plan: Plan) -> str:
-    from hf_vram.vram.plan import _duration, gib
+    from hf_vram.vram.plan import _duration, item_lines
 
     r = loaded.recipe
     s = plan.settings
@@ -335,14 +335,8 @@ def format_diffusion_plan(loaded: LoadedRecipe, plan: Plan) -> str:
         f"{'unconditional' if r.diffusion.conditioning == 'none' else r.diffusion.conditioning + '-conditional'}); micro-batch {s['micro_batch_size']} x {s['max_length']}px images, "
         f"accumulation {s['grad_accum']}, checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['optimizer']}",
     ]
-    width = max(len(i.name) for i in plan.items)
-    for i in plan.items:
-        lines.append(f"  {i.name:<{width}}  {gib(i.bytes):>10}  {i.note}")
-    spare = plan.usable - plan.total
-    verdict = f"fits, {gib(spare)} to spare" if plan.fits else f"does NOT fit: {gib(-spare)} over"
-    lines.append(f"  {'peak':<{width}}  {gib(plan.total):>10}  of {gib(plan.usable)}: {verdict} (the largest of "
-                 "backward, the optimizer step and the VAE's encoding, with what stays: the items are not all alive "
-                 "at once)")
+    lines += item_lines(plan, "the largest of backward, the optimizer step and the VAE's encoding, with what stays: "
+                              "the items are not all alive at once")
     lines += [f"  note: {n}" for n in plan.notes]
     rate = (f"{plan.flops_per_token:.3g} FLOPs per image (measured) at {plan.mfu:.0%} MFU (assumed) of "
             f"{plan.gpu.bf16_tflops} TFLOPS bf16")

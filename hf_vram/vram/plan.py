@@ -72,6 +72,16 @@ def gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
+def item_lines(plan: Plan, when: str) -> list[str]:
+    """One line per item, then the peak with the verdict; `when` says where in the step the peak falls."""
+    width = max(len(i.name) for i in plan.items)
+    lines = [f"  {i.name:<{width}}  {gib(i.bytes):>10}  {i.note}" for i in plan.items]
+    spare = plan.usable - plan.total
+    verdict = f"fits, {gib(spare)} to spare" if plan.fits else f"does NOT fit: {gib(-spare)} over"
+    lines.append(f"  {'peak':<{width}}  {gib(plan.total):>10}  of {gib(plan.usable)}: {verdict} ({when})")
+    return lines
+
+
 def format_plan(loaded: LoadedRecipe, plan: Plan) -> str:
     r = loaded.recipe
     kind = (f"{r.adapter.type}" + (f", {r.quant.bits}-bit {r.quant.type if r.quant.bits == 4 else 'int8'} base" if r.quant.bits else "")
@@ -83,13 +93,7 @@ def format_plan(loaded: LoadedRecipe, plan: Plan) -> str:
         f"{s['max_length']} tokens, accumulation {s['grad_accum']}, checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
         f"{s['optimizer']}",
     ]
-    width = max(len(i.name) for i in plan.items)
-    for i in plan.items:
-        lines.append(f"  {i.name:<{width}}  {gib(i.bytes):>10}  {i.note}")
-    spare = plan.usable - plan.total
-    verdict = f"fits, {gib(spare)} to spare" if plan.fits else f"does NOT fit: {gib(-spare)} over"
-    lines.append(f"  {'peak':<{width}}  {gib(plan.total):>10}  of {gib(plan.usable)}: {verdict} (the items are not all "
-                 "alive at once: the peak comes at the start or the end of backward)")
+    lines += item_lines(plan, "the items are not all alive at once: the peak comes at the start or the end of backward")
     lines += [f"  note: {n}" for n in plan.notes]
     rate = f"{plan.flops_per_token:.3g} FLOPs/token at {plan.mfu:.0%} MFU of {plan.gpu.bf16_tflops} TFLOPS bf16"
     if plan.seconds:
