@@ -11,7 +11,8 @@ from transformers import LlamaConfig
 from hf_vram.errors import UserError
 from hf_vram.recipe.load import find_recipe, load_recipe, shipped_recipes
 from hf_vram.recipe.schema import Recipe
-from hf_vram.vram.estimate import GiB, count_parameters, estimate
+from hf_vram.vram.counts import count_parameters
+from hf_vram.vram.estimate import GiB, estimate
 from hf_vram.vram.gpus import get_gpu
 from hf_vram.vram.plan import fit_overrides, plan_recipe, table_rows
 

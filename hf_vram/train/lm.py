@@ -324,7 +324,7 @@ def train(loaded: LoadedRecipe) -> dict:
 
         return assemble_recipe(loaded)
     if torch.cuda.is_available():
-        from hf_vram.vram.estimate import ConfigUnavailable
+        from hf_vram.vram.configs import ConfigUnavailable
         from hf_vram.vram.plan import current_gpu, preflight
 
         try:

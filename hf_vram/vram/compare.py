@@ -112,7 +112,7 @@ def measure_and_compare(loaded) -> str:
     import os
 
     from hf_vram.errors import UserError
-    from hf_vram.vram.estimate import resolve_config
+    from hf_vram.vram.configs import resolve_config
 
     recipe = loaded.recipe
     config = resolve_config(loaded)

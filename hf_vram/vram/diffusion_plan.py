@@ -27,11 +27,11 @@ import torch
 
 from hf_vram.errors import UserError
 from hf_vram.recipe.load import LoadedRecipe
+from hf_vram.vram.configs import ConfigUnavailable
 from hf_vram.vram.estimate import (
     ALLOCATOR_OVERHEAD,
     CUDA_CONTEXT,
     OPTIMIZERS_8BIT,
-    ConfigUnavailable,
     GiB,
     Item,
     Plan,

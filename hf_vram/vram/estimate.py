@@ -23,9 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from hf_vram.errors import UserError
-from hf_vram.recipe.load import LoadedRecipe
 from hf_vram.recipe.schema import Recipe
+from hf_vram.vram.counts import Counts, count_parameters
 from hf_vram.vram.gpus import GPU
 
 GiB = 2**30
@@ -82,83 +81,6 @@ class Plan:
 
 def _bytes(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
-
-
-@dataclass
-class Counts:
-    """Parameters of the model by how they are stored."""
-
-    block_linear: int  # weights of nn.Linear layers inside the blocks (what bitsandbytes quantizes)
-    block_linear_rows: int  # their output features summed (8-bit keeps one scale per row)
-    other: int  # embeddings, lm_head, norms, biases
-    trainable: int  # what the optimizer updates (adapter, or everything)
-    total: int
-    # Trainable values in tensors under 4,096 elements: bitsandbytes' 8-bit optimizers keep those in fp32.
-    trainable_small: int = 0
-    # Values of 3-D expert weights (Mixtral-style gate_up_proj / down_proj) that a LoRA adapter wraps, per layer.
-    adapted_expert_values: int = 0
-
-
-def count_parameters(config, recipe: Recipe) -> Counts:
-    """Exact counts from a meta-device model (no memory is allocated). Adapter sizes follow peft's layer shapes
-    (importing peft would pull in bitsandbytes and double the time `plan` takes)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    head = model.get_output_embeddings()
-    a = recipe.adapter
-    targets = a.target_modules
-    block_linear = rows = adapter = small = 0
-    from transformers.pytorch_utils import Conv1D
-
-    for name, module in model.named_modules():
-        if isinstance(module, Conv1D):  # GPT-2's linear layers, stored transposed; bitsandbytes quantizes them too
-            module.in_features, module.out_features = module.weight.shape
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
-            block_linear += module.weight.numel()
-            rows += module.out_features
-            if a.type in ("lora", "dora", "rslora") and (targets == "all-linear" or name.rsplit(".", 1)[-1] in targets):
-                # LoRA A (r x in) and B (out x r); DoRA adds a magnitude per output.
-                shapes = [a.r * module.in_features, a.r * module.out_features] + ([module.out_features] if a.type == "dora" else [])
-                adapter += sum(shapes)
-                small += sum(n for n in shapes if n < 4096)
-    experts = _adapted_experts(model, a)
-    adapter += sum(n for n, _ in experts.values())
-    small += sum(n for n, _ in experts.values() if n < 4096)
-    expert_values = sum(v for _, v in experts.values()) // max(config.num_hidden_layers, 1)
-    if a.type == "llama-adapter":
-        # peft's adaption prompt: prompt_length x hidden values and one gate per adapted layer.
-        adapter = min(a.prompt_layers, config.num_hidden_layers) * (a.prompt_length * config.hidden_size + 1)
-    # Tied embeddings are one tensor: parameters() yields it once.
-    total = sum(p.numel() for p in model.parameters())
-    if a.type == "none":
-        small = sum(p.numel() for p in model.parameters() if p.numel() < 4096)
-    elif a.type == "llama-adapter":
-        small = adapter if a.prompt_length * config.hidden_size < 4096 else 0
-    trainable = total if a.type == "none" else adapter
-    return Counts(block_linear, rows, total - block_linear, trainable, total + (adapter if a.type != "none" else 0), small,
-                  expert_values)
-
-
-def _adapted_experts(model, adapter) -> dict[str, tuple[int, int]]:
-    """LoRA on a mixture of experts' 3-D weights and router (peft's ParamWrapper, which all-linear reaches in
-    transformers' Mixtral-style blocks): {parameter name: (adapter parameters, wrapped values)}. peft gives each
-    expert its own rank-r pair (A: r*E x in, B: out x r*E) and doubles the rank of the fused gate_up_proj (it
-    stands for w1 and w3); the router's 2-D weight gets a plain rank-r pair."""
-    if adapter.type not in ("lora", "dora", "rslora") or adapter.target_modules != "all-linear":
-        return {}
-    found = {}
-    for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if p.dim() == 3 and leaf in ("gate_up_proj", "down_proj"):
-            e, out, inp = p.shape
-            r = adapter.r * (2 if leaf == "gate_up_proj" else 1)
-            found[name] = (r * e * (inp + out), p.numel())
-        elif p.dim() == 2 and name.endswith("mlp.gate.weight") and p.shape[0] == getattr(model.config, "num_local_experts", -1):
-            found[name] = (adapter.r * sum(p.shape), 0)
-    return found
 
 
 def _layer_elements(config, recipe: Recipe) -> int:
@@ -389,68 +311,3 @@ def flops_per_token(config, seq: int, recipe: Recipe, n_params: int | None = Non
     if recipe.train.gradient_checkpointing:
         f *= 4 / 3
     return f
-
-
-class ConfigUnavailable(UserError):
-    """The model's config cannot be read (offline, not a known base): nothing can be planned."""
-
-
-def resolve_config(loaded: LoadedRecipe):
-    """The model config of a recipe, with no weights: from the local output or Hub (config.json only), from the
-    recipe itself for a model built from scratch, or from hf-vram's table of known bases when offline."""
-    from transformers import AutoConfig
-
-    r = loaded.recipe
-    if r.model.arch:
-        import hf_vram.models  # noqa: F401  (architectures hf-vram adds, RetNet, register with AutoConfig)
-
-        config = AutoConfig.for_model(r.model.arch, **r.model.config)
-        if r.tokenizer.train:
-            # A char-level vocabulary is the text's distinct characters (65 for Shakespeare): 256 stand for them.
-            config.vocab_size = r.tokenizer.vocab_size if r.tokenizer.kind == "bpe" else 256
-        elif r.tokenizer.name_or_path:
-            config.vocab_size = _tokenizer_size(r.tokenizer.name_or_path, config.vocab_size)
-        return config
-    if r.task == "assemble":
-        from hf_vram.moe.assemble import mixtral_config
-
-        return mixtral_config(_config_of(loaded, r.model.name_or_path), len(r.moe.experts), r.moe.experts_per_token)
-    return _config_of(loaded, r.model.name_or_path)
-
-
-def _config_of(loaded: LoadedRecipe, ref: str):
-    """The config of a pretrained model reference: a local folder or Hub id, hf-vram's table of known bases when
-    offline, or another recipe's output (planned from that recipe when it is not trained yet)."""
-    from transformers import AutoConfig
-
-    from hf_vram.vram.known_configs import KNOWN_CONFIGS
-
-    if ref.startswith("recipe:"):
-        from hf_vram.recipe.load import find_recipe, load_recipe
-
-        dep = load_recipe(find_recipe(ref.removeprefix("recipe:"), relative_to=loaded.path.parent))
-        if (dep.output_dir / "config.json").is_file():
-            return AutoConfig.from_pretrained(dep.output_dir)
-        return resolve_config(dep)
-    try:
-        return AutoConfig.from_pretrained(ref)
-    except (OSError, ValueError):
-        if ref in KNOWN_CONFIGS:
-            fields = dict(KNOWN_CONFIGS[ref])
-            return AutoConfig.for_model(fields.pop("model_type"), **fields)
-        raise ConfigUnavailable(f"model.name_or_path: cannot read the config of '{ref}' (offline, and not a known base); "
-                                "download it once or give a local path") from None
-
-
-def _tokenizer_size(ref: str, default: int) -> int:
-    """len() of a named tokenizer, which sizes a model built from scratch: from a local folder, the table of known
-    Hub tokenizers, or the config's own default when neither has it."""
-    from pathlib import Path
-
-    from hf_vram.vram.known_configs import KNOWN_TOKENIZER_SIZES
-
-    if Path(ref).expanduser().is_dir():
-        from transformers import AutoTokenizer
-
-        return len(AutoTokenizer.from_pretrained(ref))
-    return KNOWN_TOKENIZER_SIZES.get(ref, default)

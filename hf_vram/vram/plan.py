@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from hf_vram.recipe.load import LoadedRecipe, load_recipe
-from hf_vram.vram.estimate import OPTIMIZERS_8BIT, Counts, GiB, Plan, count_parameters, estimate, resolve_config
+from hf_vram.vram.configs import resolve_config
+from hf_vram.vram.counts import Counts, count_parameters
+from hf_vram.vram.estimate import OPTIMIZERS_8BIT, GiB, Plan, estimate
 from hf_vram.vram.gpus import GPU
 
 
