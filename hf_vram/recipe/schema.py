@@ -65,6 +65,9 @@ class QuantSection(Section):
     double_quant: bool = True
     # Dtype of the matmuls on dequantized weights; auto = bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU.
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # Dtype of the weights bitsandbytes leaves unquantized (embeddings, lm_head, norms): compute = compute_dtype
+    # (bf16 on GPUs: half the memory of a 128k-vocabulary head); float32 = peft's prepare_model_for_kbit_training default.
+    unquantized_dtype: Literal["compute", "float32"] = "compute"
 
 
 class AdapterSection(Section):
@@ -188,6 +191,18 @@ class TrainSection(Section):
     )
     # Recompute activations in the backward pass: much less memory, about 30% more compute.
     gradient_checkpointing: bool = False
+    # Loss scored in tiles of tokens x vocabulary (trl's fused LM head: Triton on GPUs, torch tiles on CPU) so the full
+    # [tokens x vocabulary] logits never exist; false = the model's own loss on full logits (trl's DPO is always fused).
+    fused_loss: bool = True
+    # Move checkpointed layer inputs to pinned CPU memory in forward, back for backward, overlapped on a side stream
+    # (trl's OffloadActivations on GPUs); auto = on from data.max_length 8,192 with gradient checkpointing on a GPU.
+    activation_offloading: bool | Literal["auto"] = "auto"
+    # Run each MLP over tiles of the sequence (hidden_size tokens each), recomputed tile by tile in backward, so its
+    # activations exist for one tile at a time (ALST's TiledMLP); auto = on from data.max_length 16,384.
+    tiled_mlp: bool | Literal["auto"] = "auto"
+    # Fused RMSNorm, RoPE and SwiGLU kernels: liger = liger-kernel's (a GPU and `pip install liger-kernel`);
+    # auto = liger's where both are there, else none (the models' own); none = the models' own.
+    kernels: Literal["auto", "liger", "none"] = "auto"
     # Mixed precision: auto = bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # Seed for weights, data order and dropout.
