@@ -105,6 +105,7 @@ def build_model(recipe: Recipe, tokenizer, model_path: str | None, added_token_i
                 use_gradient_checkpointing=recipe.train.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
+    model.memory_savings = apply_memory_savings(model, recipe, has_cuda())
     new_token_ids = sorted(set(grow_vocabulary(model, tokenizer)) | set(added_token_ids))
     set_stop_tokens(model.generation_config, tokenizer)
     adapter = recipe.adapter
@@ -117,6 +118,46 @@ def build_model(recipe: Recipe, tokenizer, model_path: str | None, added_token_i
 
         model = get_peft_model(model, peft_config)
     return model, peft_config
+
+
+def apply_memory_savings(model, recipe: Recipe, cuda: bool) -> list[str]:
+    """The recipe's memory savings on a built model, before any adapter: unquantized weights of a 4-bit or 8-bit
+    base back in the compute dtype, liger-kernel's fused RMSNorm / RoPE / SwiGLU, tiled MLPs. Returns what was
+    applied, for the log."""
+    from hf_vram.build.long_context import liger_on, tiled_mlp_on
+
+    done = []
+    compute = torch_dtype(recipe.quant.compute_dtype)
+    if recipe.quant.bits and recipe.quant.unquantized_dtype == "compute" and compute != torch.float32:
+        done.append(f"unquantized weights in {cast_unquantized(model, compute)}")
+    if liger_on(recipe, cuda):
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        # The loss stays trl's fused LM head (train.fused_loss); liger's own fused cross-entropy would replace the
+        # model's forward that trl patches.
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False)
+        done.append("liger-kernel RMSNorm, RoPE, SwiGLU")
+    if tiled_mlp_on(recipe):
+        from hf_vram.errors import UserError
+        from hf_vram.train.tiled_mlp import tile_mlps
+
+        if not tile_mlps(model) and recipe.train.tiled_mlp is True:
+            raise UserError(f"train.tiled_mlp: {model.config.model_type} has no Llama-style gated MLP "
+                            "(gate_proj, up_proj, down_proj) to tile; set train.tiled_mlp=false")
+        done.append(f"tiled MLP ({model.config.hidden_size} tokens per tile)")
+    return done
+
+
+def cast_unquantized(model, dtype: torch.dtype) -> str:
+    """peft's prepare_model_for_kbit_training (0.21) casts every weight bitsandbytes left unquantized to fp32, for
+    stability: on Llama-3 that is 4.2 GB of embeddings and LM head. The compute dtype is enough for frozen weights
+    (RMSNorm computes its statistics in fp32 whatever the weight's dtype), and it keeps the residual stream, and so
+    every checkpointed activation, in bf16 instead of fp32."""
+    for p in model.parameters():
+        if p.dtype == torch.float32 and type(p).__name__ not in ("Params4bit", "Int8Params"):
+            p.data = p.data.to(dtype)
+    return str(dtype).removeprefix("torch.")
 
 
 def set_stop_tokens(generation_config, tokenizer) -> None:

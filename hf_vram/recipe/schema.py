@@ -377,6 +377,9 @@ class Recipe(Section):
             raise ValueError("quant.bits: quantization applies to pretrained weights (model.name_or_path), not to a model built from scratch")
         if (self.task == "dpo") != (self.data.format == "preference"):
             raise ValueError("data.format: task dpo trains on format preference, and format preference needs task: dpo")
+        if self.task == "dpo" and not self.train.fused_loss:
+            raise ValueError("train.fused_loss: trl's DPOTrainer always scores its log-probabilities in tiles; "
+                             "fused_loss: false is for task sft and pretrain")
         if self.tokenizer.train and not self.model.arch:
             raise ValueError("tokenizer.train: a new vocabulary is only for a model built from scratch (model.arch)")
         if (self.train.lr_scheduler == "cosine_with_min_lr") != (self.train.min_lr is not None):

@@ -6,6 +6,7 @@ tokens spread over the experts."""
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from transformers import Trainer
@@ -105,11 +106,23 @@ class GuardedTrainer(_TwoStage, _Guard, _Perplexity, Trainer):
     the expert load are averaged over the steps between two logs: `moe_aux_loss`, and `moe_load_max` /
     `moe_load_min`, the busiest and idlest expert's share over the balanced share (1.0 = perfectly even)."""
 
+    # Set by hf_vram/train/savings.py: trl's fused LM head scores the training loss (the logits never exist whole),
+    # and the context each training step runs in (activation offloading), as trl's own trainers have it.
+    fused_loss = False
+    maybe_activation_offload_context = nullcontext()
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._moe: list[torch.Tensor] = []
 
+    def training_step(self, *args, **kwargs):
+        with self.maybe_activation_offload_context:
+            return super().training_step(*args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.fused_loss and model.training:
+            # The same loss as the model's own (summed over the shifted labels, divided by num_items_in_batch).
+            inputs = {**inputs, "fused_lm_head": True}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         aux = getattr(outputs, "aux_loss", None)
         config = self.model.config

@@ -34,6 +34,7 @@ from hf_vram.train.checkpoints import CommitCheckpoints, discard_incomplete, lat
 from hf_vram.train.guard import GuardedDPOTrainer, GuardedSFTTrainer, GuardedTrainer
 from hf_vram.train.memory import MemoryLog
 from hf_vram.train.samples import SampleText
+from hf_vram.train.savings import apply_trainer_savings
 
 SUMMARY = "train_summary.json"
 # Held-out metrics kept in the summary (language modelling; DPO's preference metrics).
@@ -193,6 +194,9 @@ def prepare(loaded: LoadedRecipe) -> Run:
         **extra,
     )
     trainer.two_stage = recipe.train.lr_scheduler == "two_stage"
+    savings = [*getattr(model, "memory_savings", []), *apply_trainer_savings(trainer, recipe)]
+    if savings and args.process_index == 0:
+        print(f"[hf-vram] memory savings: {', '.join(savings)}", flush=True)
     expose_bias_of_trainable_tokens(trainer.model)
     trainable, total = count_parameters(trainer.model)
     if recipe.adapter.type == "llama-adapter":
