@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from hf_vram.build.long_context import offloading_on, tiled_mlp_on
 from hf_vram.recipe.schema import Recipe
 from hf_vram.vram.counts import Counts, count_parameters
 from hf_vram.vram.gpus import GPU
@@ -37,6 +38,12 @@ LOGPROB_CHUNK = 32768
 # Model FLOPs utilisation assumed for time: dense bf16 training reaches 35-45% on one card; bitsandbytes'
 # dequantization in every 4-bit matmul costs about a third of that.
 MFU = {"full": 0.40, "adapter": 0.35, "qlora": 0.25}
+# trl's fused LM head (trl/kernels/chunked_logprob.py, 1.16): tiles of TOKEN_CHUNK_SIZE tokens x
+# _CHUNKED_LOGPROB_CHUNK_SIZE vocabulary entries.
+FUSED_TILE_TOKENS = 4096
+FUSED_TILE_VOCAB = 32768
+# Model types whose MLPs train/tiled_mlp.py tiles (Llama-style gate_proj, up_proj, down_proj).
+TILED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "bitnet")
 # bitsandbytes' 8-bit AdamW, paged or not.
 OPTIMIZERS_8BIT = ("adamw_8bit", "paged_adamw_8bit")
 # Model families whose activation count bench/vram_accuracy.py checks against measured steps.
@@ -64,6 +71,7 @@ class Plan:
     mfu: float
     step_peak: int = 0  # the training step's peak (what a measurement sees), without CUDA context and slack
     peak: int = 0  # step_peak + CUDA context + allocator slack: what the card must hold
+    host_bytes: int = 0  # offloaded activations, in pinned CPU memory (not on the card)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -126,16 +134,24 @@ def _attention_scores_bytes(config, recipe: Recipe, micro: int, seq: int, act: i
     return 0
 
 
+def unquantized_bytes(recipe: Recipe, compute_dtype: str) -> int:
+    """Bytes per weight bitsandbytes leaves unquantized (embeddings, norms, lm_head) of a 4-bit or 8-bit base:
+    fp32 after peft's prepare_model_for_kbit_training, or the compute dtype (quant.unquantized_dtype)."""
+    return _bytes(compute_dtype) if recipe.quant.unquantized_dtype == "compute" else 4
+
+
 def weights_item(counts: Counts, recipe: Recipe, compute_dtype: str) -> Item:
     q = recipe.quant
+    other = unquantized_bytes(recipe, compute_dtype)
+    kept = f"embeddings, norms, lm_head {'fp32' if other == 4 else compute_dtype.replace('bfloat16', 'bf16')}"
     if q.bits == 4:
         # Packed 4-bit values, then absmax per 64: fp32, or 8-bit plus one fp32 constant per 256 blocks.
         scales = counts.block_linear / 64 * (1 + 4 / 256 if q.double_quant else 4)
-        b = counts.block_linear * 0.5 + scales + counts.other * 4
-        note = f"{q.type} 4-bit blocks + absmax ({'double-quantized' if q.double_quant else 'fp32'}); embeddings, norms, lm_head fp32"
+        b = counts.block_linear * 0.5 + scales + counts.other * other
+        note = f"{q.type} 4-bit blocks + absmax ({'double-quantized' if q.double_quant else 'fp32'}); {kept}"
     elif q.bits == 8:
-        b = counts.block_linear + counts.block_linear_rows * 4 + counts.other * 4
-        note = "int8 weights + a fp32 scale per row; embeddings, norms, lm_head fp32"
+        b = counts.block_linear + counts.block_linear_rows * 4 + counts.other * other
+        note = f"int8 weights + a fp32 scale per row; {kept}"
     elif recipe.adapter.type != "none":
         dtype = compute_dtype if recipe.model.dtype == "auto" else recipe.model.dtype
         b = (counts.block_linear + counts.other) * _bytes(dtype)
@@ -165,18 +181,139 @@ def optimizer_bytes(optimizer: str, n: int, param_bytes: int, small: int = 0) ->
     return 2 * n * param_bytes, f"AdamW, two states in the parameters' dtype ({param_bytes} bytes each)"
 
 
+@dataclass
+class Activations:
+    """What the layers keep for backward, in bytes (device memory unless said)."""
+
+    item: Item
+    per_layer: int  # one layer's saved tensors (checkpointing: the layer recomputed in backward)
+    checkpoints: int  # layer inputs kept on the device (checkpointing; with offloading the ones in flight)
+    checkpoint: int  # one layer input (what the last layer's backward still sees)
+    host: int  # offloaded to pinned CPU memory
+    hidden_grads: int  # the hidden state's gradient, and the one being made
+    backward_extra: int  # transient memory of one layer's backward beyond its saved tensors
+
+
+def _mlp_elements(config, recipe: Recipe) -> int:
+    """The part of _layer_elements a tiled MLP keeps for one tile only: gate, up, act(gate), their product, and
+    the LoRA dropout copies of gate's, up's and down's inputs."""
+    i = getattr(config, "intermediate_size", 4 * config.hidden_size)
+    lora_dropout = recipe.adapter.type in ("lora", "dora", "rslora") and recipe.adapter.dropout > 0
+    return 4 * i + ((2 * config.hidden_size + i) if lora_dropout else 0)
+
+
+def _activations(config, recipe: Recipe, counts: Counts, act: int, res: int, math_attention: bool, cuda: bool) -> Activations:
+    t, seq = recipe.train, recipe.data.max_length
+    seqs = t.micro_batch_size * (2 if recipe.task == "dpo" else 1)  # a preference pair is a chosen and a rejected sequence
+    tokens, layers, h = seqs * seq, config.num_hidden_layers, config.hidden_size
+    elements = _layer_elements(config, recipe)
+    extra = 0
+    if tiled_mlp_on(recipe) and config.model_type in TILED_FAMILIES and not getattr(config, "num_local_experts", None):
+        tile = min(seq, h) * seqs  # train/tiled_mlp.py: hidden_size tokens of every sequence per tile
+        elements -= _mlp_elements(config, recipe)
+        # One tile's MLP recomputed in backward, beside the full-length gradient of its input and its output.
+        extra += _mlp_elements(config, recipe) * tile * act + 2 * h * tokens * act
+    per_layer = elements * tokens * act + _attention_scores_bytes(config, recipe, seqs, seq, act, math_attention)
+    if counts.adapted_expert_values:
+        # peft's ParamWrapper materialises W + BA for every expert weight it wraps and the grouped matmul saves
+        # it for backward: a copy of the layer's expert weights. Backward then makes each copy's gradient in turn:
+        # down_proj's (1/3 of the values) beside both copies, then gate_up_proj's (2/3) once down_proj's copy is
+        # freed: a third of the copy above what is saved, either way.
+        per_layer += counts.adapted_expert_values * act
+        extra += counts.adapted_expert_values * act // 3
+    if config.model_type == "mamba":
+        # Backward of the pure-torch scan builds full (tokens x inner x state) gradients of the discretized A,
+        # dt*B and the states, and sums per-step slices into them: about 4.5 such tensors at once (measured).
+        extra = 9 * config.intermediate_size * config.state_size * tokens * act // 2
+    offload = offloading_on(recipe, cuda)
+    checkpoint = h * tokens * res
+    # trl's offloading brings a layer's tensors back while the next one is computed: about two layers' worth on
+    # the device at a time.
+    in_flight = min(layers, 2)
+    micro_note = f"{t.micro_batch_size} x {seq} tokens" + (" x 2 (chosen, rejected)" if recipe.task == "dpo" else "")
+    if t.gradient_checkpointing:
+        host = layers * checkpoint if offload else 0
+        on_device = in_flight * checkpoint if offload else layers * checkpoint
+        how = f"checkpointed: {layers} layer inputs{' in CPU memory' if offload else ''} + 1 layer recomputed"
+    else:
+        host = (layers - in_flight) * per_layer if offload else 0
+        on_device, per_layer_total = 0, (in_flight if offload else layers) * per_layer
+        how = f"{layers} layers x {per_layer / 2**20:.0f} MiB" + (", offloaded to CPU memory" if offload else "")
+    hidden_grads = 2 * h * tokens * res
+    saved = (on_device + per_layer if t.gradient_checkpointing else per_layer_total) + hidden_grads
+    if extra and tiled_mlp_on(recipe) and config.model_type in TILED_FAMILIES:
+        how += f"; MLP tiled ({min(seq, h)} tokens per tile)"
+    return Activations(Item("activations", int(saved), f"{how}; {micro_note}"), int(per_layer), int(on_device), int(checkpoint),
+                       int(host), int(hidden_grads), int(extra))
+
+
+def loss_uses_fused_head(config, recipe: Recipe) -> bool:
+    """trl's SFT and DPO trainers score the loss through their fused LM head (DPO always); pretraining does when
+    train.fused_loss, except a mixture of experts, whose router statistics come with the model's own loss."""
+    if recipe.task == "dpo":
+        return True
+    if recipe.task == "pretrain" and getattr(config, "output_router_logits", False):
+        return False
+    return recipe.train.fused_loss
+
+
+def _loss_item(config, recipe: Recipe, tokens: int, act: int, fused: bool, cpu: bool) -> Item:
+    vocab, h = config.vocab_size, config.hidden_size
+    if not fused:
+        # Full logits: the logits, their fp32 log-softmax and its gradient (measured: 12 bytes per token and
+        # vocabulary entry in fp32 on the CPU).
+        return Item("logits and loss", int(tokens * vocab * (act + 4 + 4)),
+                    f"{tokens} tokens x {vocab:,} vocabulary: logits, fp32 log-softmax and gradient")
+    # trl's ChunkedLogProbFunction: one [4,096 tokens x 32,768 vocabulary] tile in the compute dtype; its input
+    # (the hidden states of the scored tokens) saved for backward, whose gradient it accumulates in fp32, and
+    # eight fp32 statistics per token. Its torch fallback (CPU) makes about five fp32 temporaries of the tile.
+    tile = min(tokens, FUSED_TILE_TOKENS) * min(vocab, FUSED_TILE_VOCAB)
+    b = tile * (act + (5 * 4 if cpu else 0)) + tokens * h * (2 * act + 4) + 8 * 4 * tokens
+    if recipe.adapter.type == "none":
+        b += vocab * h * 4  # a trained head's gradient, accumulated in fp32
+    return Item("logits and loss", int(b), f"trl's fused LM head: tiles of {min(tokens, FUSED_TILE_TOKENS)} tokens x "
+                f"{min(vocab, FUSED_TILE_VOCAB):,} of the {vocab:,} vocabulary, never the full logits")
+
+
+def _step_peak(recipe: Recipe, counts: Counts, a: Activations, static: int, grads: int, logits: int, pbytes: int,
+               layers: int) -> int:
+    """The items are not all alive at once. Weights, adapter and optimizer states stay. Without checkpointing the
+    peak comes as backward starts: every saved activation and the loss are alive, gradients barely begun; or at
+    its end, with all gradients and the logits' gradient (2 of the loss's 3 copies). With checkpointing the loss
+    is freed before layers are recomputed, which then run beside the gradients, and about half the loss's
+    memory is still held when the gradients are complete. (Fitted to and checked against measured steps by
+    bench/vram_accuracy.py.)"""
+    if recipe.train.gradient_checkpointing:
+        # The recomputed layer's backward: the first one backward reaches (the last layer) runs beside every
+        # checkpoint but only the embeddings' and head's gradients; the last one beside one checkpoint and every
+        # other layer's gradients (its own come at its end). Between them the sum moves linearly, so one of the
+        # two ends is the peak.
+        grads_first = counts.other * pbytes if recipe.adapter.type == "none" else 0
+        grads_last = grads - (grads - grads_first) / layers
+        one_layer = a.per_layer + a.hidden_grads + a.backward_extra
+        ck = a.checkpoints
+        dynamic = max(ck + logits, ck + grads_first + one_layer, min(ck, a.checkpoint) + grads_last + one_layer,
+                      ck + grads + logits / 2)
+    else:
+        saved = a.item.bytes
+        # By the time a layer's backward runs, the loss's tensors are freed.
+        dynamic = max(saved + logits, saved + a.backward_extra, grads + 2 * logits / 3)
+    return int(static + dynamic)
+
+
 def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", samples: int | None = None,
              counts: Counts | None = None, fused_loss: bool | None = None, math_attention: bool = False) -> Plan:
-    """The predicted peak of one training step, item by item, and the predicted time of the whole recipe."""
+    """The predicted peak of one training step, item by item, and the predicted time of the whole recipe.
+    math_attention: planned for the CPU (sdpa's math kernel, torch fallbacks of trl's kernels, nowhere to
+    offload to)."""
     t, d = recipe.train, recipe.data
     counts = counts or count_parameters(config, recipe)
     act = _bytes(compute_dtype)
+    # The residual stream follows the embeddings' dtype: fp32 when a quantized base keeps them in fp32.
+    res = 4 if recipe.quant.bits and unquantized_bytes(recipe, compute_dtype) == 4 else act
     micro, seq = t.micro_batch_size, d.max_length
     dpo = recipe.task == "dpo"
-    seqs = micro * (2 if dpo else 1)  # a preference pair is a chosen and a rejected sequence
-    tokens = seqs * seq
-    layers = config.num_hidden_layers
-    h = config.hidden_size
+    tokens = micro * (2 if dpo else 1) * seq
 
     items = [weights_item(counts, recipe, compute_dtype)]
     pbytes = trainable_bytes(recipe, compute_dtype)
@@ -186,76 +323,20 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     items.append(Item("gradients", trainable * pbytes, f"{pbytes} bytes per trainable parameter"))
     opt, note = optimizer_bytes(t.optimizer, trainable, pbytes, counts.trainable_small)
     items.append(Item("optimizer states", opt, note))
-
-    per_layer = _layer_elements(config, recipe) * tokens * act + _attention_scores_bytes(config, recipe, seqs, seq, act, math_attention)
-    # Transient memory of one layer's backward beyond its saved tensors, alive while every earlier layer's are.
-    backward_extra = 0
-    if counts.adapted_expert_values:
-        # peft's ParamWrapper materialises W + BA for every expert weight it wraps and the grouped matmul saves
-        # it for backward: a copy of the layer's expert weights. Backward then makes each copy's gradient in turn:
-        # down_proj's (1/3 of the values) beside both copies, then gate_up_proj's (2/3) once down_proj's copy is
-        # freed: a third of the copy above what is saved, either way.
-        per_layer += counts.adapted_expert_values * act
-        backward_extra = counts.adapted_expert_values * act // 3
-    if config.model_type == "mamba":
-        # Backward of the pure-torch scan builds full (tokens x inner x state) gradients of the discretized A,
-        # dt*B and the states, and sums per-step slices into them: about 4.5 such tensors at once (measured).
-        backward_extra = 9 * config.intermediate_size * config.state_size * tokens * act // 2
-    # Backward holds the gradient of the hidden states beside the saved activations.
-    hidden_grads = 2 * h * tokens * act
-    if t.gradient_checkpointing:
-        checkpoints = layers * h * tokens * act  # every layer's input; one layer at a time is recomputed in backward
-        saved = checkpoints + per_layer + hidden_grads
-        how = f"checkpointed: {layers} layer inputs + 1 layer recomputed"
-    else:
-        checkpoints = 0
-        saved = layers * per_layer + hidden_grads
-        how = f"{layers} layers x {per_layer / 2**20:.0f} MiB"
-    items.append(Item("activations", int(saved), f"{how}; {micro} x {seq} tokens" + (" x 2 (chosen, rejected)" if dpo else "")))
-
-    vocab = config.vocab_size
-    chunk = min(tokens, LOGPROB_CHUNK)
-    if fused_loss is None:
-        fused_loss = not dpo  # trl's SFTTrainer fuses the LM head into the loss; its DPOTrainer does not
-    if not fused_loss:
-        # Full logits: the logits, their fp32 log-softmax and its gradient (measured: 12 bytes per token and
-        # vocabulary entry in fp32 on the CPU).
-        logits = tokens * vocab * (act + 4 + 4)
-        lnote = f"{tokens} tokens x {vocab:,} vocabulary: logits, fp32 log-softmax and gradient"
-    else:
-        logits = chunk * vocab * 4 * 2
-        lnote = f"trl's chunked log-probs: {chunk} tokens x {vocab:,} vocabulary in fp32, with softmax"
-    items.append(Item("logits and loss", int(logits), lnote))
+    a = _activations(config, recipe, counts, act, res, math_attention, cuda=not math_attention)
+    items.append(a.item)
+    fused = loss_uses_fused_head(config, recipe) if fused_loss is None else fused_loss
+    items.append(_loss_item(config, recipe, tokens, act, fused, cpu=math_attention))
     cast = 0
     if recipe.adapter.type == "none" and act == 2:
         # Mixed precision keeps fp32 weights; autocast makes a bf16 copy of each matmul weight, which the matmul
         # saves for backward, so the copies live from forward to backward.
+        h, vocab = config.hidden_size, config.vocab_size
         cast = (counts.block_linear + (vocab * h if not getattr(config, "tie_word_embeddings", False) else 0)) * 2
         items.append(Item("autocast weight copies", cast, "a bf16 copy of every matmul weight, forward to backward"))
-    # The items are not all alive at once. Weights, adapter and optimizer states stay. Without checkpointing the
-    # peak comes as backward starts: every saved activation and the loss are alive, gradients barely begun; or at
-    # its end, with all gradients and the logits' gradient (2 of the loss's 3 copies). With checkpointing the loss
-    # is freed before layers are recomputed, which then run beside the gradients, and about half the loss's
-    # memory is still held when the gradients are complete. (Fitted to and checked against measured steps by
-    # bench/vram_accuracy.py.)
     b = {i.name: i.bytes for i in items}
-    static = b["weights"] + b.get("adapter", 0) + b["optimizer states"]
-    grads = b["gradients"]
-    static += cast
-    if t.gradient_checkpointing:
-        # The recomputed layer's backward: the first one backward reaches (the last layer) runs beside every
-        # checkpoint but only the embeddings' and head's gradients; the last one beside one checkpoint and every
-        # other layer's gradients (its own come at its end). Between them the sum moves linearly, so one of the
-        # two ends is the peak.
-        grads_first = counts.other * pbytes if recipe.adapter.type == "none" else 0
-        grads_last = grads - (grads - grads_first) / layers
-        one_layer = per_layer + hidden_grads + backward_extra
-        dynamic = max(checkpoints + logits, checkpoints + grads_first + one_layer, checkpoints / layers + grads_last + one_layer,
-                      checkpoints + grads + logits / 2)
-    else:
-        # By the time a layer's backward runs, the loss's tensors are freed.
-        dynamic = max(saved + logits, saved + backward_extra, grads + 2 * logits / 3)
-    step_peak = int(static + dynamic)
+    static = b["weights"] + b.get("adapter", 0) + b["optimizer states"] + cast
+    step_peak = _step_peak(recipe, counts, a, static, b["gradients"], b["logits and loss"], pbytes, config.num_hidden_layers)
     slack = int(ALLOCATOR_OVERHEAD * step_peak)
     items.append(Item("CUDA context + allocator", CUDA_CONTEXT + slack,
                       f"{CUDA_CONTEXT / GiB:.1f} GiB context, {ALLOCATOR_OVERHEAD:.0%} caching-allocator slack"))
@@ -268,6 +349,12 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     seconds = steps * step_tokens * fpt / (gpu.bf16_tflops * 1e12 * mfu) if steps else None
     settings = {k: getattr(t, k) for k in ("micro_batch_size", "grad_accum", "gradient_checkpointing", "optimizer")}
     settings["max_length"] = seq
+    return Plan(items, gpu, counts.total, trainable, settings, fpt, step_tokens, steps, seconds, mfu,
+                step_peak=step_peak, peak=step_peak + CUDA_CONTEXT + slack, notes=_notes(config, recipe, counts, act),
+                host_bytes=a.host)
+
+
+def _notes(config, recipe: Recipe, counts: Counts, act: int) -> list[str]:
     notes = []
     if getattr(config, "num_local_experts", None) and recipe.quant.bits:
         notes.append("bitsandbytes quantizes nn.Linear layers only: the experts' 3-D weights stay unquantized (fp32 "
@@ -288,8 +375,10 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     if config.model_type not in CHECKED_FAMILIES:
         notes.append(f"{config.model_type}: activations are counted as for a Llama block; bench/vram_accuracy.py has "
                      f"checked {', '.join(CHECKED_FAMILIES)} only")
-    return Plan(items, gpu, counts.total, trainable, settings, fpt, step_tokens, steps, seconds, mfu,
-                step_peak=step_peak, peak=step_peak + CUDA_CONTEXT + slack, notes=notes)
+    if recipe.train.kernels != "none":
+        notes.append("liger-kernel's RMSNorm, RoPE and SwiGLU (train.kernels, on GPUs where it is installed) keep less "
+                     "than counted here: the plan is an upper bound with them")
+    return notes
 
 
 def flops_per_token(config, seq: int, recipe: Recipe, n_params: int | None = None) -> float:
