@@ -172,6 +172,13 @@ def _cmd_plan(args) -> int:
         fix = "shorten data.max_length or try " + (
             "a smaller model" if loaded.recipe.model.arch else "quantizing the base (quant.bits: 4)")
     print(fmt(loaded, plan))
+    if args.longest:
+        if loaded.recipe.task == "diffusion":
+            print("--longest: a diffusion recipe has no sequence length (its size is data.images.resolution)")
+        else:
+            from hf_vram.vram.plan import format_longest
+
+            print(format_longest(loaded, gpu, inputs))
     if args.fit:
         changes, fitted = refit()
         if fitted is None or not fitted.fits:
@@ -303,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu", default="rtx4070", help="rtx3060, rtx4070 (default), rtx4090, a100-40gb, a100-80gb, h100")
     s.add_argument("--fit", action="store_true", help="change micro-batch, checkpointing, optimizer until it fits")
     s.add_argument("--measure", action="store_true", help="also measure one real step on the CPU beside the prediction")
+    s.add_argument("--longest", action="store_true", help="the longest sequence that trains at micro-batch 1 on the card")
     s.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("table", help="predicted memory, fit and time of every shipped recipe on a card")

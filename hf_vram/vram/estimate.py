@@ -72,6 +72,7 @@ class Plan:
     step_peak: int = 0  # the training step's peak (what a measurement sees), without CUDA context and slack
     peak: int = 0  # step_peak + CUDA context + allocator slack: what the card must hold
     host_bytes: int = 0  # offloaded activations, in pinned CPU memory (not on the card)
+    savings: list[str] = field(default_factory=list)  # what each memory saving saves (hf_vram/vram/plan.py)
     notes: list[str] = field(default_factory=list)
 
     @property

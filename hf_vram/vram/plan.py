@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hf_vram.recipe.load import LoadedRecipe, load_recipe
+from hf_vram.vram import estimate as estimate_module
 from hf_vram.vram.configs import resolve_config
 from hf_vram.vram.counts import Counts, count_parameters
 from hf_vram.vram.estimate import OPTIMIZERS_8BIT, GiB, Plan, estimate
@@ -38,7 +39,38 @@ def planning_inputs(loaded: LoadedRecipe) -> tuple[object, Counts, int | None]:
 
 def plan_recipe(loaded: LoadedRecipe, gpu: GPU, inputs=None) -> Plan:
     config, counts, samples = inputs or planning_inputs(loaded)
-    return estimate(config, loaded.recipe, gpu, samples=samples, counts=counts)
+    plan = estimate(config, loaded.recipe, gpu, samples=samples, counts=counts)
+    plan.savings = savings_lines(config, loaded.recipe, gpu, counts, plan)
+    return plan
+
+
+def all_savings_on(recipe):
+    """The recipe with every memory saving on (those set off switched on, `auto` ones forced on)."""
+    r = with_setting(with_setting(recipe, "train.activation_offloading", True), "train.tiled_mlp", True)
+    if recipe.task != "dpo":
+        r = with_setting(r, "train.fused_loss", True)
+    if recipe.quant.bits:
+        r = with_setting(r, "quant.unquantized_dtype", "compute")
+    if not r.train.gradient_checkpointing:
+        r = with_setting(r, "train.gradient_checkpointing", True)
+    return r
+
+
+def format_longest(loaded: LoadedRecipe, gpu: GPU, inputs=None) -> str:
+    """`hf-vram plan --longest`: the longest sequence at micro-batch 1, as the recipe is and with every saving on."""
+    config, counts, _ = inputs or planning_inputs(loaded)
+    recipe = loaded.recipe
+    n = longest_context(config, recipe, gpu, counts)
+    lines = [f"longest context on {gpu.name} at micro-batch 1: {n:,} tokens" + (
+        f" (hf-vram train {loaded.name} data.max_length={n} train.micro_batch_size=1)" if n else
+        " (nothing fits: not even 256 tokens)")]
+    best = longest_context(config, all_savings_on(recipe), gpu, counts)
+    if best > n:
+        lines.append(f"  with every saving on: {best:,} tokens (train.gradient_checkpointing=true "
+                     "train.activation_offloading=true train.tiled_mlp=true"
+                     + (" train.fused_loss=true" if recipe.task != "dpo" else "")
+                     + (" quant.unquantized_dtype=compute" if recipe.quant.bits else "") + ")")
+    return "\n".join(lines)
 
 
 def fit_search(recipe, plan_of, optimizer_8bit: str = "paged_adamw_8bit") -> tuple[list[str], Plan]:
@@ -70,6 +102,78 @@ def fit_overrides(loaded: LoadedRecipe, gpu: GPU, inputs=None) -> tuple[list[str
     return fit_search(loaded.recipe, lambda r: estimate(config, r, gpu, samples=samples, counts=counts))
 
 
+# The savings `hf-vram plan` itemizes: the recipe override that switches each off, and what it is.
+SAVINGS = (
+    ("quant.unquantized_dtype", "float32", "unquantized weights in the compute dtype"),
+    ("train.fused_loss", False, "fused LM-head loss"),
+    ("train.activation_offloading", False, "activation offloading"),
+    ("train.tiled_mlp", False, "tiled MLP"),
+)
+
+
+def with_setting(recipe, key: str, value):
+    """The recipe with one section key changed (validated as the command line would)."""
+    section, name = key.split(".")
+    part = getattr(recipe, section)
+    return recipe.model_copy(update={section: part.model_copy(update={name: value})})
+
+
+def savings_lines(config, recipe, gpu: GPU, counts: Counts, plan: Plan) -> list[str]:
+    """What each memory saving that is on saves at this recipe's size (the plan again with it off), and what each
+    one that is off would save."""
+    from hf_vram.build.long_context import offloading_on, tiled_mlp_on
+
+    active = {
+        "quant.unquantized_dtype": bool(recipe.quant.bits) and recipe.quant.unquantized_dtype == "compute",
+        "train.fused_loss": estimate_module.loss_uses_fused_head(config, recipe),
+        "train.activation_offloading": offloading_on(recipe, cuda=True) and recipe.train.gradient_checkpointing,
+        "train.tiled_mlp": tiled_mlp_on(recipe) and config.model_type in estimate_module.TILED_FAMILIES,
+    }
+    lines = []
+    for key, off, what in SAVINGS:
+        if key == "quant.unquantized_dtype" and not recipe.quant.bits:
+            continue
+        if key == "train.fused_loss" and recipe.task == "dpo":
+            continue  # trl's DPOTrainer has no other path
+        if active[key]:
+            other = estimate(config, with_setting(recipe, key, off), gpu, counts=counts)
+            lines.append(f"  saves {gib(other.total - plan.total):>10}  {what} (on; {key}={str(off).lower()} to compare)")
+        else:
+            on = "compute" if key == "quant.unquantized_dtype" else True
+            other = estimate(config, with_setting(recipe, key, on), gpu, counts=counts)
+            if other.total < plan.total:
+                lines.append(f"  could save {gib(plan.total - other.total):>6}  {what} ({key}={str(on).lower()})")
+    if plan.host_bytes:
+        lines.append(f"  host memory {gib(plan.host_bytes):>9}  offloaded checkpoints in pinned CPU memory (not on the card)")
+    return lines
+
+
+def longest_context(config, recipe, gpu: GPU, counts: Counts, limit: int = 1 << 20) -> int:
+    """The longest data.max_length (a multiple of 256) that fits the card at micro-batch 1, the recipe's other
+    settings kept. `auto` savings switch on at fixed lengths, so the plan's peak grows with the length only between
+    those lengths: each stretch is binary-searched, and the longest fit of any stretch is the answer."""
+    from hf_vram.build.long_context import OFFLOAD_FROM, TILED_MLP_FROM
+
+    one = with_setting(recipe, "train.micro_batch_size", 1)
+
+    def fits(length: int) -> bool:
+        return estimate(config, with_setting(one, "data.max_length", length), gpu, counts=counts).fits
+
+    bounds = sorted({256, OFFLOAD_FROM, TILED_MLP_FROM, limit})
+    best = 0
+    for lo, hi in zip(bounds, bounds[1:]):
+        hi -= 256  # the stretch ends before the next switch
+        if hi < lo or not fits(lo):
+            continue
+        while lo < hi:  # the longest fit in [lo, hi], in steps of 256
+            mid = (lo + hi + 256) // 512 * 256
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 256)
+        best = max(best, lo)
+    if fits(limit):
+        best = limit
+    return best
+
+
 def gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
@@ -96,6 +200,7 @@ def format_plan(loaded: LoadedRecipe, plan: Plan) -> str:
         f"{s['optimizer']}",
     ]
     lines += item_lines(plan, "the items are not all alive at once: the peak comes at the start or the end of backward")
+    lines += getattr(plan, "savings", [])
     lines += [f"  note: {n}" for n in plan.notes]
     rate = f"{plan.flops_per_token:.3g} FLOPs/token at {plan.mfu:.0%} MFU of {plan.gpu.bf16_tflops} TFLOPS bf16"
     if plan.seconds:
@@ -123,7 +228,7 @@ def table_rows(gpu: GPU) -> list[dict]:
             # Nothing trains: the experts are copied into one model on the CPU; its fine-tune has its own row.
             config = resolve_config(loaded)
             rows.append({"recipe": name, "kind": "assemble", "parameters": count_parameters(config, r).total,
-                         "predicted_peak_gib": "-", "fits": "-", "predicted_hours": None})
+                         "predicted_peak_gib": "-", "fits": "-", "predicted_hours": None, "longest_context": "-"})
             continue
         if r.task == "diffusion":
             from hf_vram.vram.diffusion_plan import fit_diffusion, plan_diffusion
@@ -133,7 +238,8 @@ def table_rows(gpu: GPU) -> list[dict]:
             rows.append({"recipe": name, "kind": f"diffusion {r.model.arch}", "parameters": plan.params,
                          "predicted_peak_gib": round(plan.total / GiB, 2),
                          "fits": "yes" if plan.fits else ("with " + fitted if fitted != "no setting fits" else "no"),
-                         "predicted_hours": round(plan.seconds / 3600, 2) if plan.seconds else None})
+                         "predicted_hours": round(plan.seconds / 3600, 2) if plan.seconds else None,
+                         "longest_context": "-"})
             continue
         inputs = planning_inputs(loaded)
         plan = plan_recipe(loaded, gpu, inputs)
@@ -145,6 +251,7 @@ def table_rows(gpu: GPU) -> list[dict]:
             "predicted_peak_gib": round(plan.total / GiB, 2),
             "fits": "yes" if plan.fits else ("with " + fitted if fitted != "no setting fits" else "no"),
             "predicted_hours": round(plan.seconds / 3600, 2) if plan.seconds else None,
+            "longest_context": longest_context(inputs[0], r, gpu, inputs[1]),
         })
     return rows
 
