@@ -72,3 +72,7 @@ KNOWN_DATASET_SIZES.update({
     ("uoft-cs/cifar10", "train"): 50000,
     ("lambdalabs/naruto-blip-captions", "train"): 1221,
 })
+# Llama-3.1-8B: Llama-3-8B's shapes, trained to 128k positions (llama3 RoPE scaling).
+KNOWN_CONFIGS["unsloth/Meta-Llama-3.1-8B-Instruct"] = KNOWN_CONFIGS["NousResearch/Meta-Llama-3-8B-Instruct"]
+KNOWN_CONFIGS["meta-llama/Llama-3.1-8B-Instruct"] = KNOWN_CONFIGS["NousResearch/Meta-Llama-3-8B-Instruct"]
+KNOWN_DATASET_SIZES[("Yukang/LongAlpaca-12k", "train")] = 12000
