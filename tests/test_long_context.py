@@ -130,7 +130,7 @@ def _pretrain_recipe(tmp_path, **train):
         "tokenizer": {"train": True, "vocab_size": 300},
         "data": {"source": str(text), "format": "text", "max_length": 32},
         "train": {"output_dir": str(tmp_path / "out"), "micro_batch_size": 4, "max_steps": 3, "warmup": 0,
-                  "logging_steps": 1, "report_to": [], **train},
+                  "logging_steps": 1, "report_to": [], "fused_loss": True, **train},
     }
 
 

@@ -192,8 +192,10 @@ class TrainSection(Section):
     # Recompute activations in the backward pass: much less memory, about 30% more compute.
     gradient_checkpointing: bool = False
     # Loss scored in tiles of tokens x vocabulary (trl's fused LM head: Triton on GPUs, torch tiles on CPU) so the full
-    # [tokens x vocabulary] logits never exist; false = the model's own loss on full logits (trl's DPO is always fused).
-    fused_loss: bool = True
+    # [tokens x vocabulary] logits never exist; false = the model's own loss on full logits (trl's DPO is always fused);
+    # auto = fused for sft and dpo (trl's default), and for pretrain when the vocabulary is wider than trl's tile
+    # (32,768: the tile's buffer is that wide, more than a small vocabulary's full logits).
+    fused_loss: bool | Literal["auto"] = "auto"
     # Move checkpointed layer inputs to pinned CPU memory in forward, back for backward, overlapped on a side stream
     # (trl's OffloadActivations on GPUs); auto = on from data.max_length 8,192 with gradient checkpointing on a GPU.
     activation_offloading: bool | Literal["auto"] = "auto"
@@ -377,7 +379,7 @@ class Recipe(Section):
             raise ValueError("quant.bits: quantization applies to pretrained weights (model.name_or_path), not to a model built from scratch")
         if (self.task == "dpo") != (self.data.format == "preference"):
             raise ValueError("data.format: task dpo trains on format preference, and format preference needs task: dpo")
-        if self.task == "dpo" and not self.train.fused_loss:
+        if self.task == "dpo" and self.train.fused_loss is False:
             raise ValueError("train.fused_loss: trl's DPOTrainer always scores its log-probabilities in tiles; "
                              "fused_loss: false is for task sft and pretrain")
         if self.tokenizer.train and not self.model.arch:

@@ -31,13 +31,15 @@ def apply_trainer_savings(trainer, recipe: Recipe) -> list[str]:
         # train/guard.py); creating it once keeps its pinned buffers and streams across steps.
         trainer.maybe_activation_offload_context = offload_context(trainer.model)
         done.append("activation offloading to CPU memory")
-    config = trainer.model.config
-    if recipe.task == "pretrain" and recipe.train.fused_loss and not getattr(config, "output_router_logits", False):
+    from hf_vram.vram.estimate import loss_uses_fused_head
+
+    fused = loss_uses_fused_head(trainer.model.config, recipe)
+    if recipe.task == "pretrain" and fused:
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
         add_fused_lm_head(base)
         trainer.fused_loss = True
         done.append("fused LM head loss")
-    elif recipe.task == "sft" and not recipe.train.fused_loss:
+    elif recipe.task == "sft" and not fused:
         trainer.compute_loss_func = full_logits_loss(trainer.model)
         done.append("full-logits loss (train.fused_loss false)")
     return done

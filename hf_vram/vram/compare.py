@@ -46,6 +46,14 @@ def _build(config, recipe: Recipe):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=recipe.model.attn_implementation)
         if recipe.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from hf_vram.build.model import apply_memory_savings
+    from hf_vram.vram.estimate import loss_uses_fused_head
+
+    apply_memory_savings(model, recipe, cuda=False)  # tiled MLPs, as the runner has them
+    if loss_uses_fused_head(config, recipe):
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model)  # the loss of trl's trainers, called with fused_lm_head=True (measure())
     if recipe.adapter.type != "none":
         from peft import get_peft_model
 
@@ -85,16 +93,28 @@ def measure(config, recipe: Recipe, fake: bool | None = None) -> Measured:
     else:
         optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
     batch = {"input_ids": ids, "labels": ids}
-    measure_step(model, batch, optimizer, fake=fake)  # the first step creates the optimizer states
+    from hf_vram.build.long_context import offloading_on
+    from hf_vram.vram.estimate import loss_uses_fused_head
+
+    if loss_uses_fused_head(config, recipe):
+        batch["fused_lm_head"] = True
+    around = None
+    if offloading_on(recipe, cuda=False):
+        from hf_vram.train.offload import HostCopies
+
+        # The host copies are where offloaded tensors live on a GPU: out of device memory until backward needs them.
+        def around(tracker):
+            return HostCopies(model, untracked=tracker.untracked)
+    measure_step(model, batch, optimizer, fake=fake, around_step=around)  # the first step creates the optimizer states
     optimizer.zero_grad(set_to_none=True)
-    return measure_step(model, batch, optimizer, fake=fake)
+    return measure_step(model, batch, optimizer, fake=fake, around_step=around)
 
 
 def predicted_for_cpu(config, recipe: Recipe) -> Plan:
     """The estimate at the settings of a CPU measurement: fp32 compute; 8-bit optimizers only when measured real."""
     if recipe.quant.bits is None and recipe.train.optimizer in OPTIMIZERS_8BIT:
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"optimizer": "adamw_torch"})})
-    return estimate(config, recipe, CPU, compute_dtype="float32", fused_loss=False, math_attention=True)
+    return estimate(config, recipe, CPU, compute_dtype="float32", math_attention=True)
 
 
 def compare(config, recipe: Recipe) -> dict:

@@ -250,11 +250,15 @@ def _activations(config, recipe: Recipe, counts: Counts, act: int, res: int, mat
 
 def loss_uses_fused_head(config, recipe: Recipe) -> bool:
     """trl's SFT and DPO trainers score the loss through their fused LM head (DPO always); pretraining does when
-    train.fused_loss, except a mixture of experts, whose router statistics come with the model's own loss."""
+    train.fused_loss says so (auto: a vocabulary wider than one of trl's tiles, whose buffer is 32,768 entries
+    wide whatever the vocabulary), except a mixture of experts, whose router statistics come with the model's own
+    loss. The runner decides by this function too (hf_vram/train/savings.py)."""
     if recipe.task == "dpo":
         return True
     if recipe.task == "pretrain" and getattr(config, "output_router_logits", False):
         return False
+    if recipe.train.fused_loss == "auto":
+        return recipe.task != "pretrain" or config.vocab_size > FUSED_TILE_VOCAB
     return recipe.train.fused_loss
 
 
@@ -265,15 +269,17 @@ def _loss_item(config, recipe: Recipe, tokens: int, act: int, fused: bool, cpu: 
         # vocabulary entry in fp32 on the CPU).
         return Item("logits and loss", int(tokens * vocab * (act + 4 + 4)),
                     f"{tokens} tokens x {vocab:,} vocabulary: logits, fp32 log-softmax and gradient")
-    # trl's ChunkedLogProbFunction: one [4,096 tokens x 32,768 vocabulary] tile in the compute dtype; its input
-    # (the hidden states of the scored tokens) saved for backward, whose gradient it accumulates in fp32, and
-    # eight fp32 statistics per token. Its torch fallback (CPU) makes about five fp32 temporaries of the tile.
-    tile = min(tokens, FUSED_TILE_TOKENS) * min(vocab, FUSED_TILE_VOCAB)
-    b = tile * (act + (5 * 4 if cpu else 0)) + tokens * h * (2 * act + 4) + 8 * 4 * tokens
+    # trl's ChunkedLogProbFunction: one [4,096 tokens x 32,768 vocabulary] tile buffer in the compute dtype (that
+    # wide whatever the vocabulary); its input (the hidden states of the scored tokens) saved for backward, whose
+    # gradient it accumulates in fp32, and eight fp32 statistics per token. Its torch fallback (CPU) makes about
+    # five fp32 temporaries of the used part of the tile.
+    rows = min(tokens, FUSED_TILE_TOKENS)
+    b = rows * (FUSED_TILE_VOCAB * act + (5 * 4 * min(vocab, FUSED_TILE_VOCAB) if cpu else 0))
+    b += tokens * h * (2 * act + 4) + 8 * 4 * tokens
     if recipe.adapter.type == "none":
         b += vocab * h * 4  # a trained head's gradient, accumulated in fp32
-    return Item("logits and loss", int(b), f"trl's fused LM head: tiles of {min(tokens, FUSED_TILE_TOKENS)} tokens x "
-                f"{min(vocab, FUSED_TILE_VOCAB):,} of the {vocab:,} vocabulary, never the full logits")
+    return Item("logits and loss", int(b), f"trl's fused LM head: {rows} tokens x {FUSED_TILE_VOCAB:,} entries per tile "
+                f"(vocabulary {vocab:,}), never the full logits")
 
 
 def _step_peak(recipe: Recipe, counts: Counts, a: Activations, static: int, grads: int, logits: int, pbytes: int,

@@ -52,8 +52,23 @@ class _Tracker(TorchDispatchMode):
         self.current = 0
         self.peak = 0
 
+    paused = False  # inside untracked(): allocations that are not device memory (offloaded host copies)
+
+    def untracked(self):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def paused():
+            self.paused = True
+            try:
+                yield
+            finally:
+                self.paused = False
+
+        return paused()
+
     def track(self, t) -> None:
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) or self.paused:
             return
         try:
             storage = t.untyped_storage()
@@ -132,12 +147,15 @@ def _fake_mode_of(model: torch.nn.Module):
     return next(iter(modes.values()))
 
 
-def measure_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, fake: bool = False) -> Measured:
+def measure_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, fake: bool = False,
+                 around_step=None) -> Measured:
     """Run ``loss = model(**batch).loss; loss.backward(); optimizer.step()`` and report its memory by category.
 
     Grads are left in place (not zeroed). With ``fake=True`` the model and batch must come from one
     ``FakeTensorMode``; a failure there (bitsandbytes layers, data-dependent ops) raises ValueError so the caller can
-    measure real tensors at a smaller size instead.
+    measure real tensors at a smaller size instead. ``around_step(tracker)``, if given, makes a context the forward
+    and backward run in (activation offloading, whose host copies it can keep out of the count with
+    ``tracker.untracked()``).
     """
     fake_mode = _fake_mode_of(model)
     if fake and fake_mode is None:
@@ -160,8 +178,9 @@ def measure_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Opt
                 stack.enter_context(fake_mode)
             stack.enter_context(tracker)
             try:
-                loss = model(**batch).loss
-                loss.backward()
+                with around_step(tracker) if around_step else ExitStack():
+                    loss = model(**batch).loss
+                    loss.backward()
                 fb_peak = tracker.peak
                 grads = _unique_bytes(p.grad for p in params if p.grad is not None)
                 del loss  # the graph is already freed; the scalar is not optimizer memory
