@@ -1,7 +1,8 @@
 """Predict a recipe's peak training memory on a GPU, and its training time, from its config alone.
 
-No weights are loaded: the model is built on the meta device (shapes only), which gives exact parameter counts
-per kind of tensor; adapter sizes follow peft's layer shapes. Bytes then follow from how each library
+No weights are loaded: exact parameter counts per kind of tensor come from the config (hf_vram/vram/counts.py: by
+hand for the dense Llama-style families, from a meta-device model otherwise); adapter sizes follow peft's layer
+shapes. Bytes then follow from how each library
 stores them in training (written here because no library predicts this; accelerate's estimate-memory counts
 weights and Adam states only):
 - bitsandbytes NF4/FP4: 0.5 byte per weight of every Linear in the blocks, plus one absmax per 64 weights
@@ -272,9 +273,9 @@ def _loss_item(config, recipe: Recipe, tokens: int, act: int, fused: bool, cpu: 
     # trl's ChunkedLogProbFunction: one [4,096 tokens x 32,768 vocabulary] tile buffer in the compute dtype (that
     # wide whatever the vocabulary); its input (the hidden states of the scored tokens) saved for backward, whose
     # gradient it accumulates in fp32, and eight fp32 statistics per token. Its torch fallback (CPU) makes about
-    # five fp32 temporaries of the used part of the tile.
+    # seven fp32 temporaries of the used part of the tile (measured by bench/vram_accuracy.py).
     rows = min(tokens, FUSED_TILE_TOKENS)
-    b = rows * (FUSED_TILE_VOCAB * act + (5 * 4 * min(vocab, FUSED_TILE_VOCAB) if cpu else 0))
+    b = rows * (FUSED_TILE_VOCAB * act + (7 * 4 * min(vocab, FUSED_TILE_VOCAB) if cpu else 0))
     b += tokens * h * (2 * act + 4) + 8 * 4 * tokens
     if recipe.adapter.type == "none":
         b += vocab * h * 4  # a trained head's gradient, accumulated in fp32

@@ -33,7 +33,8 @@ def dataset_size(loaded: LoadedRecipe) -> int | None:
 
 def planning_inputs(loaded: LoadedRecipe) -> tuple[object, Counts, int | None]:
     """(config, parameter counts, training records): what every plan of this recipe starts from, read once."""
-    config = resolve_config(loaded)
+    # A plain config object for the dense families (configs.py): planning needs its fields, not transformers' classes.
+    config = resolve_config(loaded, light=True)
     return config, count_parameters(config, loaded.recipe), dataset_size(loaded)
 
 
