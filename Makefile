@@ -50,6 +50,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_qlora.py
 	$(BIN)/python bench/bench_diffusion.py
 	$(BIN)/python bench/vram_accuracy.py
 
