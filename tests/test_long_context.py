@@ -51,7 +51,7 @@ def _assert_same(a, b):
 
 
 def _lora_recipe(base, out, **train):
-    recipe = qlora_recipe(base, out, micro_batch_size=4, **train)
+    recipe = qlora_recipe(base, out, **{"micro_batch_size": 4, **train})
     recipe["quant"] = {}  # a plain fp32 base: the comparison is of the loss, not of 4-bit rounding
     recipe["eval"] = {"score_samples": 0}
     return recipe
@@ -102,12 +102,16 @@ def wide_vocab_base(tmp_path_factory, tiny_base):
 
 def test_fused_training_step_and_its_metrics_never_hold_the_logits(tmp_path, wide_vocab_base):
     """A whole SFT training step, forward, backward and trl's token accuracy and entropy, with no tensor of the
-    [tokens x vocabulary] logits' size (trl's tiles are a quarter of it here); the plain path makes them."""
-    recipe = _lora_recipe(wide_vocab_base, tmp_path / "out")
+    [tokens x vocabulary] logits' size (the CPU head's chunks are a quarter of it here at most); the plain path
+    makes them."""
+    from hf_vram.train.cpu_fused_loss import CHUNK_VALUES
+
+    recipe = _lora_recipe(wide_vocab_base, tmp_path / "out", micro_batch_size=16)
     recipe["data"]["max_length"] = 64
     run = _run(tmp_path, "sft", recipe)
     batch = _batch(run)
     tokens, vocab = batch["input_ids"].numel(), run.model.config.vocab_size
+    assert tokens * vocab >= 4 * CHUNK_VALUES
     trainer = run.trainer
     trainer.current_gradient_accumulation_steps = 1  # set by train() for its steps; this step runs on its own
     with _LargestTensor() as seen:
@@ -299,3 +303,61 @@ def test_liger_kernels_refused_where_they_cannot_run(tmp_path, tiny_base):
         liger_on(r, cuda=False)
     auto = r.model_copy(update={"train": r.train.model_copy(update={"kernels": "auto"})})
     assert liger_on(auto, cuda=False) is False
+
+
+OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+@pytest.mark.parametrize("softcap, scale, bias, train_head, entropy_grad", [
+    (None, 1.0, False, False, False),  # what SFT and DPO run: a frozen head, entropy only logged
+    (30.0, 0.5, True, False, False),  # Gemma-style softcapping and a scaled, biased head
+    (None, 1.0, True, True, False),  # a trained head (full fine-tune): backward recomputes with autograd
+    (None, 1.0, False, False, True),  # a differentiated entropy: recomputed too
+])
+def test_cpu_fused_head_equals_trls_kernel(softcap, scale, bias, train_head, entropy_grad):
+    """hf-vram's CPU function against trl's own (its torch fallback here): every output, and the gradients of
+    hidden states, head weight and bias, for an arbitrary upstream gradient per token (fp64 in; both fold the
+    logits in fp32: outputs within 1e-4 absolute, gradients within 1e-5 of their largest value)."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from hf_vram.train.cpu_fused_loss import CPUChunkedLogProbs
+
+    torch.manual_seed(0)
+    n, h, v = 300, 32, 5000
+    hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, requires_grad=train_head)
+    b = torch.randn(v, dtype=torch.float64, requires_grad=train_head) if bias else None
+    targets = torch.randint(0, v, (n,))
+    upstream, upstream_entropy = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    inputs = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
+    results = []
+    for function in (ChunkedLogProbFunction, CPUChunkedLogProbs):
+        out = function.apply(hidden, weight, b, targets, 0.7, 1024, softcap, scale, OUTPUTS)
+        objective = (out[0] * upstream).sum() + ((out[1] * upstream_entropy).sum() if entropy_grad else 0)
+        results.append((out, torch.autograd.grad(objective, inputs)))
+    (trl_out, trl_grads), (out, grads) = results
+    for name, a, b_ in zip(OUTPUTS, trl_out, out):
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b_), name
+        else:
+            torch.testing.assert_close(b_.double(), a.double(), rtol=1e-5, atol=1e-4, msg=name)
+    for a, b_ in zip(trl_grads, grads):
+        assert (a - b_).abs().max() <= 1e-5 * a.abs().max()
+
+
+def test_trl_still_looks_up_its_fused_kernel_at_call_time():
+    """use_cpu_fused_loss replaces trl.trainer.utils._ChunkedLogProbFunction (trl 1.16), which trl's fused forward
+    reads at every call; this fails if trl stops doing so, and the CPU path would silently be trl's again."""
+    import inspect
+
+    import trl.trainer.utils as trl_utils
+
+    from hf_vram.train.cpu_fused_loss import CHUNK_VALUES, use_cpu_fused_loss
+    from hf_vram.vram.estimate import CPU_CHUNK_VALUES
+
+    assert "_ChunkedLogProbFunction.apply(" in inspect.getsource(trl_utils.add_fused_lm_head)
+    use_cpu_fused_loss()
+    use_cpu_fused_loss()  # idempotent
+    assert trl_utils._ChunkedLogProbFunction.__name__ == "_OnTheCPU"
+    assert trl_utils._ChunkedLogProbFunction.trl_function.__name__ == "ChunkedLogProbFunction"
+    assert CHUNK_VALUES == CPU_CHUNK_VALUES  # the planner's copy of the chunk size

@@ -24,6 +24,10 @@ def apply_trainer_savings(trainer, recipe: Recipe) -> list[str]:
     from trl.trainer.utils import add_fused_lm_head
 
     done = []
+    if not has_cuda():
+        from hf_vram.train.cpu_fused_loss import use_cpu_fused_loss
+
+        use_cpu_fused_loss()  # trl's fused head on CPU tensors: hf-vram's chunked function (cpu_fused_loss.py)
     if offloading_on(recipe, has_cuda()):
         from hf_vram.train.offload import offload_context
 

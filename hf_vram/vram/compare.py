@@ -53,6 +53,9 @@ def _build(config, recipe: Recipe):
     if loss_uses_fused_head(config, recipe):
         from trl.trainer.utils import add_fused_lm_head
 
+        from hf_vram.train.cpu_fused_loss import use_cpu_fused_loss
+
+        use_cpu_fused_loss()  # as the runner has it on the CPU
         add_fused_lm_head(model)  # the loss of trl's trainers, called with fused_lm_head=True (measure())
     if recipe.adapter.type != "none":
         from peft import get_peft_model

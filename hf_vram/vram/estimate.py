@@ -43,6 +43,9 @@ MFU = {"full": 0.40, "adapter": 0.35, "qlora": 0.25}
 # _CHUNKED_LOGPROB_CHUNK_SIZE vocabulary entries.
 FUSED_TILE_TOKENS = 4096
 FUSED_TILE_VOCAB = 32768
+# Logit values per chunk of hf-vram's CPU fused head (hf_vram/train/cpu_fused_loss.py's CHUNK_VALUES; the planner does
+# not import torch).
+CPU_CHUNK_VALUES = 1 << 24
 # Model types whose MLPs train/tiled_mlp.py tiles (Llama-style gate_proj, up_proj, down_proj).
 TILED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "bitnet")
 # bitsandbytes' 8-bit AdamW, paged or not.
@@ -270,13 +273,18 @@ def _loss_item(config, recipe: Recipe, tokens: int, act: int, fused: bool, cpu: 
         # vocabulary entry in fp32 on the CPU).
         return Item("logits and loss", int(tokens * vocab * (act + 4 + 4)),
                     f"{tokens} tokens x {vocab:,} vocabulary: logits, fp32 log-softmax and gradient")
+    if cpu:
+        # hf_vram/train/cpu_fused_loss.py: a chunk's logits and their log-softmax (fp32) at a time; the flattened
+        # hidden states and the fp32 d log p / d hidden of every token, kept for backward, which scales it.
+        rows = min(tokens, max(1, CPU_CHUNK_VALUES // vocab))
+        b = 2 * rows * vocab * 4 + tokens * h * (act + 4 + 4) + 8 * 4 * tokens
+        return Item("logits and loss", int(b), f"fused LM head on the CPU: {rows} tokens x {vocab:,} at a time, never "
+                    "the full logits")
     # trl's ChunkedLogProbFunction: one [4,096 tokens x 32,768 vocabulary] tile buffer in the compute dtype (that
     # wide whatever the vocabulary); its input (the hidden states of the scored tokens) saved for backward, whose
-    # gradient it accumulates in fp32, and eight fp32 statistics per token. Its torch fallback (CPU) makes about
-    # seven fp32 temporaries of the used part of the tile (measured by bench/vram_accuracy.py).
+    # gradient it accumulates in fp32, and eight fp32 statistics per token.
     rows = min(tokens, FUSED_TILE_TOKENS)
-    b = rows * (FUSED_TILE_VOCAB * act + (7 * 4 * min(vocab, FUSED_TILE_VOCAB) if cpu else 0))
-    b += tokens * h * (2 * act + 4) + 8 * 4 * tokens
+    b = rows * FUSED_TILE_VOCAB * act + tokens * h * (2 * act + 4) + 8 * 4 * tokens
     if recipe.adapter.type == "none":
         b += vocab * h * 4  # a trained head's gradient, accumulated in fp32
     return Item("logits and loss", int(b), f"trl's fused LM head: {rows} tokens x {FUSED_TILE_VOCAB:,} entries per tile "
