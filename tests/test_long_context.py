@@ -360,4 +360,19 @@ def test_trl_still_looks_up_its_fused_kernel_at_call_time():
     use_cpu_fused_loss()  # idempotent
     assert trl_utils._ChunkedLogProbFunction.__name__ == "_OnTheCPU"
     assert trl_utils._ChunkedLogProbFunction.trl_function.__name__ == "ChunkedLogProbFunction"
+    # Only inside hf-vram's trainers (cpu_fused_head): plain trl in the same process keeps its own kernel.
+    from hf_vram.train.cpu_fused_loss import CPUChunkedLogProbs, cpu_fused_head
+
+    used = []
+    original = CPUChunkedLogProbs.apply
+    CPUChunkedLogProbs.apply = lambda *a: used.append(1) or original(*a)
+    try:
+        args = (torch.randn(4, 8), torch.randn(16, 8), None, torch.zeros(4, dtype=torch.long), 1.0, 32768)
+        trl_utils._ChunkedLogProbFunction.apply(*args)
+        assert not used
+        with cpu_fused_head():
+            trl_utils._ChunkedLogProbFunction.apply(*args)
+        assert used == [1]
+    finally:
+        CPUChunkedLogProbs.apply = original
     assert CHUNK_VALUES == CPU_CHUNK_VALUES  # the planner's copy of the chunk size

@@ -17,6 +17,9 @@ autograd instead.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 # Logit values per chunk: 16M fp32 values (64 MiB), and a few temporaries of that size.
@@ -130,22 +133,37 @@ def _recomputed_grads(ctx, hidden, weight, bias, targets, grad_logprobs, grad_en
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, (hidden, weight, bias)))
 
 
+# Set while hf-vram's own trainers compute a loss (train/guard.py): trl's trainers elsewhere in the process (a
+# benchmark's plain side) keep trl's kernel.
+_IN_HF_VRAM = contextvars.ContextVar("hf_vram_cpu_fused_head", default=False)
+
+
+@contextlib.contextmanager
+def cpu_fused_head():
+    token = _IN_HF_VRAM.set(True)
+    try:
+        yield
+    finally:
+        _IN_HF_VRAM.reset(token)
+
+
 class _OnTheCPU:
     """Stands where trl's fused forward looks up its kernel (trl.trainer.utils._ChunkedLogProbFunction, read at each
-    call): tensors on the CPU go to CPUChunkedLogProbs, the rest to trl's own."""
+    call): CPU tensors inside cpu_fused_head() go to CPUChunkedLogProbs, everything else to trl's own."""
 
     trl_function = None
 
     @classmethod
     def apply(cls, hidden, *args):
-        if hidden.device.type == "cpu":
+        if hidden.device.type == "cpu" and _IN_HF_VRAM.get():
             return CPUChunkedLogProbs.apply(hidden, *args)
         return cls.trl_function.apply(hidden, *args)
 
 
 def use_cpu_fused_loss() -> None:
-    """Route trl's fused LM head to CPUChunkedLogProbs for CPU tensors (trl 1.16: tests/test_long_context.py fails
-    if trl stops looking the kernel up there). Idempotent; GPU tensors keep trl's Triton kernels."""
+    """Route trl's fused LM head to CPUChunkedLogProbs for CPU tensors under cpu_fused_head() (trl 1.16:
+    tests/test_long_context.py fails if trl stops looking the kernel up there). Idempotent; GPU tensors keep trl's
+    Triton kernels."""
     import trl.trainer.utils as trl_utils
 
     if trl_utils._ChunkedLogProbFunction is _OnTheCPU:

@@ -13,6 +13,7 @@ from transformers import Trainer
 from trl import DPOTrainer, SFTTrainer
 
 from hf_vram.errors import TrainingStopped
+from hf_vram.train.cpu_fused_loss import cpu_fused_head
 
 
 class _Guard:
@@ -31,6 +32,11 @@ class _Guard:
         if loss.device.type == "cpu":
             self._stop_if_not_finite(loss)
         return loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # On the CPU, trl's fused LM head runs hf-vram's chunked function (train/cpu_fused_loss.py) in these trainers.
+        with cpu_fused_head():
+            return super().compute_loss(model, inputs, *args, **kwargs)
 
     def _stop_if_not_finite(self, loss=None):
         if self._finite is None:

@@ -108,9 +108,12 @@ def measure(config, recipe: Recipe, fake: bool | None = None) -> Measured:
         # The host copies are where offloaded tensors live on a GPU: out of device memory until backward needs them.
         def around(tracker):
             return HostCopies(model, untracked=tracker.untracked)
-    measure_step(model, batch, optimizer, fake=fake, around_step=around)  # the first step creates the optimizer states
-    optimizer.zero_grad(set_to_none=True)
-    return measure_step(model, batch, optimizer, fake=fake, around_step=around)
+    from hf_vram.train.cpu_fused_loss import cpu_fused_head
+
+    with cpu_fused_head():  # the fused head's CPU function, as hf-vram's trainers run it
+        measure_step(model, batch, optimizer, fake=fake, around_step=around)  # the first step creates the optimizer states
+        optimizer.zero_grad(set_to_none=True)
+        return measure_step(model, batch, optimizer, fake=fake, around_step=around)
 
 
 def predicted_for_cpu(config, recipe: Recipe) -> Plan:
