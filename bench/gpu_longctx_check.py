@@ -61,10 +61,10 @@ LLAMA3_8B.update(max_position_embeddings=131072, rope_theta=500000.0, rms_norm_e
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1, "max_position_embeddings": 8192}
 TINY_VOCAB = 512
-# The dry run's cap on live tensors (MiB): the tiny model trains at 64 and 128 tokens within it and not at 256 (trl's
-# fused LM head tiles 4,096 tokens x 32,768 vocabulary entries whatever the vocabulary, 128 KiB a token in fp32),
-# so that the out-of-memory path, the skips after it and the bisection of the longest search run in the suite too.
-DRY_CAP_MIB = 30.0
+# The dry run's cap on live tensors (MiB): the tiny model trains at 64 and 128 tokens within it (1.6 MiB at most) and
+# not at 512 (3 MiB and more), so that the out-of-memory path, the skips after it and the bisection of the longest
+# search run in the suite too.
+DRY_CAP_MIB = 2.4
 ALL_ON = ["quant.unquantized_dtype=compute", "train.fused_loss=true", "train.activation_offloading=true",
           "train.tiled_mlp=true", "train.kernels=auto"]
 SETTINGS = [("all savings on", None), ("unquantized fp32", "quant.unquantized_dtype=float32"),
@@ -100,7 +100,7 @@ class Scale:
     def dry(cls, cap_mib: float) -> Scale:
         cap = int(cap_mib * 2**20)
         gpu = GPU(f"dry-run cap of {cap_mib:g} MiB", (cap + CUDA_CONTEXT) / GiB, 1.0)
-        return cls(TINY, TINY_VOCAB, (64, 128, 256), 64, 1024, 128, 4, cap, gpu, False, True)
+        return cls(TINY, TINY_VOCAB, (64, 128, 512), 64, 1024, 128, 4, cap, gpu, False, True)
 
 
 @dataclass
@@ -366,7 +366,17 @@ def plan_longest(loaded, scale: Scale) -> int:
     from hf_vram.vram.plan import longest_context, planning_inputs
 
     config, counts, _ = planning_inputs(loaded)
-    return longest_context(config, loaded.recipe, scale.gpu, counts)
+    if scale.cuda:
+        return longest_context(config, loaded.recipe, scale.gpu, counts)
+    # The dry run trains on the CPU (fp32, the CPU fused head): its plan is the CPU estimate's, as `plan --measure`
+    # compares it, scanned over the search's lengths.
+    from hf_vram.vram.compare import predicted_for_cpu
+    from hf_vram.vram.plan import with_setting
+
+    one = with_setting(loaded.recipe, "train.micro_batch_size", 1)
+    fits = [n for n in range(scale.search_step, scale.search_max + 1, scale.search_step)
+            if predicted_for_cpu(config, with_setting(one, "data.max_length", n)).step_peak <= scale.cap]
+    return max(fits, default=0)
 
 
 # ------------------------------------------------------------------------------------------------ sections

@@ -36,11 +36,18 @@ def _logits(h, weight, bias, compute_dtype, logit_scale, softcap, inv_t):
     y = h.to(compute_dtype) @ weight.to(compute_dtype).t()
     if bias is not None:
         y = y + bias.to(compute_dtype)
-    y = y.float() * logit_scale
+    y = y.float()
+    if logit_scale != 1.0:  # each scaling is a pass over the chunk and a temporary of its size: only when needed
+        y = y * logit_scale
     if softcap is None:
-        return y * inv_t, inv_t * logit_scale
+        return (y * inv_t if inv_t != 1.0 else y), inv_t * logit_scale
     t = torch.tanh(y / softcap)
     return softcap * t * inv_t, inv_t * logit_scale * (1 - t * t)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) as a batched matmul, without an [n x vocabulary] product in memory."""
+    return (a.unsqueeze(1) @ b.unsqueeze(-1)).squeeze(-1).squeeze(-1)
 
 
 class CPUChunkedLogProbs(torch.autograd.Function):
@@ -72,9 +79,9 @@ class CPUChunkedLogProbs(torch.autograd.Function):
             del z
             p = logp.exp()
             if "entropy" in extra:
-                extra["entropy"][c] = -torch.einsum("ij,ij->i", p, logp)
+                extra["entropy"][c] = -_row_dot(p, logp)
             if "log_sum_sq_probs" in extra:
-                extra["log_sum_sq_probs"][c] = torch.log(torch.einsum("ij,ij->i", p, p))
+                extra["log_sum_sq_probs"][c] = torch.log(_row_dot(p, p))
             del logp
             if d_hidden is not None:
                 # d log p(target) / dz = onehot(target) - p, then through the transform and the matmul.
@@ -82,6 +89,8 @@ class CPUChunkedLogProbs(torch.autograd.Function):
                 if not isinstance(dz, float) or dz != 1.0:
                     g = g * dz
                 d_hidden[c] = g.to(cast) @ weight.to(cast)
+                del g
+            del p  # before the next chunk's logits: two chunk-sized tensors at a time, not three
         ctx.save_for_backward(hidden, weight, bias, targets, d_hidden)
         ctx.args = (cast, logit_scale, softcap, inv_t)
         ctx.mark_non_differentiable(*(extra[k] for k in ("log_sum_sq_probs", "mean_logits", "is_top1") if k in extra))

@@ -212,12 +212,17 @@ def _activations(config, recipe: Recipe, counts: Counts, act: int, res: int, mat
     seqs = t.micro_batch_size * (2 if recipe.task == "dpo" else 1)  # a preference pair is a chosen and a rejected sequence
     tokens, layers, h = seqs * seq, config.num_hidden_layers, config.hidden_size
     elements = _layer_elements(config, recipe)
-    extra = 0
+    i = getattr(config, "intermediate_size", 4 * h)
+    # The MLP's backward makes the gradients of its intermediate (down_proj's input, then act's) beside what is saved.
+    mlp_tokens = tokens
+    extra = _sliding_window_mask(config, seqs, seq, act, math_attention)
     if tiled_mlp_on(recipe) and config.model_type in TILED_FAMILIES and not getattr(config, "num_local_experts", None):
-        tile = min(seq, h) * seqs  # train/tiled_mlp.py: hidden_size tokens of every sequence per tile
+        mlp_tokens = min(seq, h) * seqs  # train/tiled_mlp.py: hidden_size tokens of every sequence per tile
         elements -= _mlp_elements(config, recipe)
         # One tile's MLP recomputed in backward, beside the full-length gradient of its input and its output.
-        extra += _mlp_elements(config, recipe) * tile * act + 2 * h * tokens * act
+        extra += _mlp_elements(config, recipe) * mlp_tokens * act + 2 * h * tokens * act
+    if config.model_type not in ("mamba", "gpt2") and not getattr(config, "num_local_experts", None):
+        extra += 2 * i * mlp_tokens * act
     per_layer = elements * tokens * act + _attention_scores_bytes(config, recipe, seqs, seq, act, math_attention)
     if counts.adapted_expert_values:
         # peft's ParamWrapper materialises W + BA for every expert weight it wraps and the grouped matmul saves
@@ -250,6 +255,16 @@ def _activations(config, recipe: Recipe, counts: Counts, act: int, res: int, mat
         how += f"; MLP tiled ({min(seq, h)} tokens per tile)"
     return Activations(Item("activations", int(saved), f"{how}; {micro_note}"), int(per_layer), int(on_device), int(checkpoint),
                        int(host), int(hidden_grads), int(extra))
+
+
+def _sliding_window_mask(config, seqs: int, seq: int, act: int, cpu: bool) -> int:
+    """A sliding window (Mistral; Qwen2 with use_sliding_window) is not plain causal attention, so transformers
+    builds its 4-D mask ([batch, 1, seq, seq] in the compute dtype; fp32 on the CPU) for sdpa instead of passing
+    is_causal: at 32k tokens that is 2 GiB in bf16 (measured at 4k on the CPU by bench/vram_accuracy.py)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or (config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False)):
+        return 0
+    return seqs * seq * seq * (4 if cpu else act)
 
 
 def loss_uses_fused_head(config, recipe: Recipe) -> bool:
