@@ -188,6 +188,8 @@ def test_offloading_and_tiled_mlp_keep_loss_and_gradients(tmp_path, tiny_base):
     recipe["train"].update(output_dir=str(tmp_path / "saved"), tiled_mlp=True, activation_offloading=True)
     run = _run(tmp_path, "saved", recipe)
     assert sum(hasattr(m, "_untiled_forward") for m in run.model.modules()) == 2
+    assert run.summary["memory_savings"] == ["tiled MLP (64 tokens per tile)", "activation offloading to CPU memory"]
+    assert plain_run.summary["memory_savings"] == []
     run.model.base_model.model.model.layers[0].mlp._tile_tokens = 16  # several tiles at this length
     run.model.base_model.model.model.layers[1].mlp._tile_tokens = 16
     plain_params = dict(plain_run.model.named_parameters())

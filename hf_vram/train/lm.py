@@ -211,7 +211,7 @@ def prepare(loaded: LoadedRecipe) -> Run:
                 p.data = p.data.float()
     summary = {
         "recipe": loaded.name, "task": recipe.task, "trainable_params": trainable, "total_params": total,
-        "samples": len(train_data), "data": data_counts,
+        "samples": len(train_data), "data": data_counts, "memory_savings": savings,
     }
     return Run(loaded, trainer, tokenizer, latest_complete(out), summary)
 
