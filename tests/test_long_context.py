@@ -378,3 +378,54 @@ def test_trl_still_looks_up_its_fused_kernel_at_call_time():
     finally:
         CPUChunkedLogProbs.apply = original
     assert CHUNK_VALUES == CPU_CHUNK_VALUES  # the planner's copy of the chunk size
+
+
+def _tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=100)
+    return LlamaForCausalLM(config)
+
+
+def test_tiled_mlp_gives_each_parameter_one_gradient_under_ddp(tmp_path):
+    """DDP's hooks accept one gradient per parameter and step: the tiles' gradients are summed and returned once,
+    and equal the plain model's."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from hf_vram.train.tiled_mlp import tile_mlps
+
+    plain, tiled = _tiny_llama(), _tiny_llama()
+    assert tile_mlps(tiled, tile_tokens=16) == 2
+    ids = torch.randint(0, 100, (2, 70))
+    plain(input_ids=ids, labels=ids).loss.backward()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(tiled)
+        ddp(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        dist.destroy_process_group()
+    for (name, p), q in zip(plain.named_parameters(), tiled.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * p.grad.abs().max() + 1e-12, name
+
+
+def test_tiled_mlp_recompute_is_not_offloaded():
+    """Offloading's hooks stay on through backward (trl wraps the whole step); the tiles recomputed there are not
+    packed: tiling adds nothing to what is offloaded."""
+    from hf_vram.train.offload import HostCopies
+    from hf_vram.train.tiled_mlp import tile_mlps
+
+    ids = torch.randint(0, 100, (2, 70))
+    moved = []
+    for tile in (False, True):
+        model = _tiny_llama()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if tile:
+            tile_mlps(model, tile_tokens=16)
+        hooks = HostCopies(model)
+        with hooks:
+            model(input_ids=ids, labels=ids).loss.backward()
+        moved.append(hooks.host_bytes)
+    assert moved[0] > 0 and moved[1] == moved[0], moved

@@ -17,8 +17,9 @@ import torch
 
 class _TiledMLP(torch.autograd.Function):
     """out = fn(x) tile by tile along the sequence (dim 1). Forward keeps no graph, only x; backward recomputes each
-    tile with autograd on and runs its backward at once, accumulating parameter gradients into .grad as a plain
-    backward does (they are not returned: autograd only sees x), and the RNG replays forward's dropout masks."""
+    tile with autograd on, takes the gradients of its input and of the MLP's trainable parameters, and returns
+    their sums: each parameter gets its gradient once per step, as DDP's and FSDP's gradient hooks expect. The RNG
+    replays forward's dropout masks."""
 
     @staticmethod
     def forward(ctx, fn, tiles: int, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
@@ -26,19 +27,24 @@ class _TiledMLP(torch.autograd.Function):
         ctx.fn, ctx.tiles = fn, tiles
         ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.rng = torch.get_rng_state(), (torch.cuda.get_rng_state(x.device) if device == "cuda" else None)
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, *params)
         with torch.no_grad():
             parts = [fn(chunk) for chunk in x.chunk(tiles, dim=1)]
         return torch.cat(parts, dim=1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (x,) = ctx.saved_tensors
+        x, *params = ctx.saved_tensors
         device = x.device.type
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[2] else None
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
+        sums = [None] * len(wanted)
         enabled, dtype = ctx.autocast
         devices = [x.device] if device == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=device):
+        # Identity hooks: activation offloading's hooks (active through the whole training step) must not pack the
+        # tiles recomputed here, which would keep every tile alive and send it over PCIe.
+        no_offload = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        with torch.random.fork_rng(devices=devices, device_type=device), no_offload:
             cpu_state, cuda_state = ctx.rng
             torch.set_rng_state(cpu_state)
             if cuda_state is not None:
@@ -48,15 +54,19 @@ class _TiledMLP(torch.autograd.Function):
                 chunk = chunk.detach().requires_grad_(grad_x is not None)
                 with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                     out = ctx.fn(chunk)
-                torch.autograd.backward(out, grad)
+                inputs = ([chunk] if grad_x is not None else []) + wanted
+                got = list(torch.autograd.grad(out, inputs, grad, allow_unused=True))
                 if grad_x is not None:
-                    grad_x[:, start:start + chunk.shape[1]] = chunk.grad
+                    grad_x[:, start:start + chunk.shape[1]] = got.pop(0)
+                sums = [g if s is None else (s if g is None else s + g) for s, g in zip(sums, got)]
                 start += chunk.shape[1]
-        return (None, None, grad_x, *([None] * (len(ctx.needs_input_grad) - 3)))
+        by_param = iter(sums)
+        param_grads = [next(by_param) if need else None for need in ctx.needs_input_grad[3:]]
+        return (None, None, grad_x, *param_grads)
 
 
 def _tiled_forward(self, x: torch.Tensor) -> torch.Tensor:
-    tiles = math.ceil(x.shape[1] / self._tile_tokens)
+    tiles = math.ceil(x.shape[1] / self._tile_tokens) if x.dim() == 3 else 1  # [batch, sequence, hidden] only
     if tiles <= 1 or not torch.is_grad_enabled():  # short sequences and generation: the MLP as it is
         return self._untiled_forward(x)
     params = [p for p in self.parameters() if p.requires_grad]
