@@ -124,29 +124,49 @@ def apply_memory_savings(model, recipe: Recipe, cuda: bool) -> list[str]:
     """The recipe's memory savings on a built model, before any adapter: unquantized weights of a 4-bit or 8-bit
     base back in the compute dtype, liger-kernel's fused RMSNorm / RoPE / SwiGLU, tiled MLPs. Returns what was
     applied, for the log."""
-    from hf_vram.build.long_context import liger_on, tiled_mlp_on
+    from hf_vram.build.long_context import liger_on
 
     done = []
     compute = torch_dtype(recipe.quant.compute_dtype)
     if recipe.quant.bits and recipe.quant.unquantized_dtype == "compute" and compute != torch.float32:
         done.append(f"unquantized weights in {cast_unquantized(model, compute)}")
+        if cuda:
+            torch.cuda.empty_cache()  # the fp32 copies peft made are freed: give their blocks back
     if liger_on(recipe, cuda):
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+        if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            if recipe.train.kernels == "liger":
+                from hf_vram.errors import UserError
+
+                raise UserError(f"train.kernels: liger-kernel has no kernels for {model.config.model_type}; set "
+                                "train.kernels=auto (the model's own kernels)")
+            return done + _tile(model, recipe)
 
         # The loss stays trl's fused LM head (train.fused_loss); liger's own fused cross-entropy would replace the
         # model's forward that trl patches.
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                         fused_linear_cross_entropy=False)
-        done.append("liger-kernel RMSNorm, RoPE, SwiGLU")
-    if tiled_mlp_on(recipe):
-        from hf_vram.errors import UserError
-        from hf_vram.train.tiled_mlp import tile_mlps
+        done.append("liger-kernel RMSNorm, RoPE and gated-MLP kernels")
+    return done + _tile(model, recipe)
 
-        if not tile_mlps(model) and recipe.train.tiled_mlp is True:
-            raise UserError(f"train.tiled_mlp: {model.config.model_type} has no Llama-style gated MLP "
-                            "(gate_proj, up_proj, down_proj) to tile; set train.tiled_mlp=false")
-        done.append(f"tiled MLP ({model.config.hidden_size} tokens per tile)")
-    return done
+
+def _tile(model, recipe: Recipe) -> list[str]:
+    from hf_vram.build.long_context import tiled_mlp_on
+
+    if not tiled_mlp_on(recipe):
+        return []
+    from hf_vram.train.tiled_mlp import tile_mlps
+
+    if tile_mlps(model):
+        return [f"tiled MLP ({model.config.hidden_size} tokens per tile)"]
+    if recipe.train.tiled_mlp is True:
+        from hf_vram.errors import UserError
+
+        raise UserError(f"train.tiled_mlp: {model.config.model_type} has no Llama-style gated MLP "
+                        "(gate_proj, up_proj, down_proj) to tile; set train.tiled_mlp=false")
+    return []  # auto: nothing to tile in this architecture
 
 
 def cast_unquantized(model, dtype: torch.dtype) -> str:

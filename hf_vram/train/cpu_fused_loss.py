@@ -11,8 +11,8 @@ in backward, so what is kept is d log p(target) / d hidden per token (tokens x h
 accumulator), scaled there.
 
 The head's weight and bias get no gradient this way (they are frozen under an adapter, the case this serves); when
-they need one (a full fine-tune), or when the entropy is differentiated, backward recomputes chunk by chunk with
-autograd instead.
+they need one (a full fine-tune) backward recomputes each chunk's logits for the two gradient matmuls, and when the
+entropy is differentiated (no trl trainer does) it recomputes with autograd.
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ class CPUChunkedLogProbs(torch.autograd.Function):
         inv_t, softcap = 1.0 / temperature, final_logit_softcapping
         logprobs = torch.empty(n, dtype=torch.float32)
         extra = {k: torch.empty(n, dtype=torch.bool if k == "is_top1" else torch.float32) for k in outputs if k != "log_probs"}
-        d_hidden = torch.empty(n, hidden.shape[1], dtype=torch.float32) if hidden.requires_grad else None
+        # A trained head's backward recomputes the chunks (_head_grads): nothing to keep for it here.
+        head_trained = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
+        d_hidden = torch.empty(n, hidden.shape[1], dtype=torch.float32) if ctx.needs_input_grad[0] and not head_trained else None
         step = chunk_tokens(vocab)
         for s in range(0, n, step):
             c = slice(s, min(s + step, n))
@@ -105,7 +107,38 @@ class CPUChunkedLogProbs(torch.autograd.Function):
             if needs_hidden and grad_logprobs is not None:
                 grad = (d_hidden * grad_logprobs.float().unsqueeze(-1)).to(hidden.dtype)
             return grad, None, None, *([None] * 6)
+        if grad_entropy is None:
+            return (*_head_grads(ctx, hidden, weight, bias, targets, grad_logprobs), *([None] * 6))
         return (*_recomputed_grads(ctx, hidden, weight, bias, targets, grad_logprobs, grad_entropy), *([None] * 6))
+
+
+def _head_grads(ctx, hidden, weight, bias, targets, grad_logprobs):
+    """A trained head (full fine-tunes): each chunk's logits again, turned in place into the gradient of the
+    log-probabilities, then the two gradient matmuls; the head's gradient accumulates in fp32."""
+    cast, logit_scale, softcap, inv_t = ctx.args
+    needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32) if needs_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if needs_weight else None
+    grad_bias = torch.zeros(bias.shape, dtype=torch.float32) if needs_bias and bias is not None else None
+    step = chunk_tokens(weight.shape[0])
+    for s in range(0, hidden.shape[0], step):
+        c = slice(s, min(s + step, hidden.shape[0]))
+        z, dz = _logits(hidden[c], weight, bias, cast, logit_scale, softcap, inv_t)
+        g = torch.softmax(z, -1).neg_()
+        del z
+        target = targets[c].unsqueeze(-1)
+        g.scatter_add_(-1, target, torch.ones_like(target, dtype=g.dtype)).mul_(grad_logprobs[c].float().unsqueeze(-1))
+        if not isinstance(dz, float) or dz != 1.0:
+            g = g * dz
+        if grad_hidden is not None:
+            grad_hidden[c] = g.to(cast) @ weight.to(cast)
+        if grad_weight is not None:
+            grad_weight.addmm_(g.t(), hidden[c].float())  # accumulated in fp32, as trl does
+        if grad_bias is not None:
+            grad_bias += g.sum(0)
+        del g
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip((grad_hidden, grad_weight, grad_bias),
+                                                                        (hidden, weight, bias)))
 
 
 def _recomputed_grads(ctx, hidden, weight, bias, targets, grad_logprobs, grad_entropy):

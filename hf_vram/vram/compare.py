@@ -49,7 +49,10 @@ def _build(config, recipe: Recipe):
     from hf_vram.build.model import apply_memory_savings
     from hf_vram.vram.estimate import loss_uses_fused_head
 
-    apply_memory_savings(model, recipe, cuda=False)  # tiled MLPs, as the runner has them
+    # Tiled MLPs, as the runner has them; fp32 compute and no liger: the CPU measurement's settings.
+    cpu_recipe = recipe.model_copy(update={"quant": recipe.quant.model_copy(update={"compute_dtype": "float32"}),
+                                           "train": recipe.train.model_copy(update={"kernels": "none"})})
+    apply_memory_savings(model, cpu_recipe, cuda=False)
     if loss_uses_fused_head(config, recipe):
         from trl.trainer.utils import add_fused_lm_head
 

@@ -216,11 +216,13 @@ def _activations(config, recipe: Recipe, counts: Counts, act: int, res: int, mat
     # The MLP's backward makes the gradients of its intermediate (down_proj's input, then act's) beside what is saved.
     mlp_tokens = tokens
     extra = _sliding_window_mask(config, seqs, seq, act, math_attention)
-    if tiled_mlp_on(recipe) and config.model_type in TILED_FAMILIES and not getattr(config, "num_local_experts", None):
+    tiled = tiled_mlp_on(recipe) and config.model_type in TILED_FAMILIES and not getattr(config, "num_local_experts", None)
+    if tiled:
         mlp_tokens = min(seq, h) * seqs  # train/tiled_mlp.py: hidden_size tokens of every sequence per tile
         elements -= _mlp_elements(config, recipe)
-        # One tile's MLP recomputed in backward, beside the full-length gradient of its input and its output.
-        extra += _mlp_elements(config, recipe) * mlp_tokens * act + 2 * h * tokens * act
+        # One tile's MLP recomputed in backward, beside the full-length gradient of its input and its output (in
+        # the residual stream's dtype).
+        extra += _mlp_elements(config, recipe) * mlp_tokens * act + 2 * h * tokens * res
     if config.model_type not in ("mamba", "gpt2") and not getattr(config, "num_local_experts", None):
         extra += 2 * i * mlp_tokens * act
     per_layer = elements * tokens * act + _attention_scores_bytes(config, recipe, seqs, seq, act, math_attention)
@@ -251,7 +253,7 @@ def _activations(config, recipe: Recipe, counts: Counts, act: int, res: int, mat
         how = f"{layers} layers x {per_layer / 2**20:.0f} MiB" + (", offloaded to CPU memory" if offload else "")
     hidden_grads = 2 * h * tokens * res
     saved = (on_device + per_layer if t.gradient_checkpointing else per_layer_total) + hidden_grads
-    if extra and tiled_mlp_on(recipe) and config.model_type in TILED_FAMILIES:
+    if tiled:
         how += f"; MLP tiled ({min(seq, h)} tokens per tile)"
     return Activations(Item("activations", int(saved), f"{how}; {micro_note}"), int(per_layer), int(on_device), int(checkpoint),
                        int(host), int(hidden_grads), int(extra))

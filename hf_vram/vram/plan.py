@@ -113,7 +113,7 @@ SAVINGS = (
 
 
 def with_setting(recipe, key: str, value):
-    """The recipe with one section key changed (validated as the command line would)."""
+    """The recipe with one section key changed (a copy; the value is one the schema takes)."""
     section, name = key.split(".")
     part = getattr(recipe, section)
     return recipe.model_copy(update={section: part.model_copy(update={name: value})})
@@ -127,7 +127,7 @@ def savings_lines(config, recipe, gpu: GPU, counts: Counts, plan: Plan) -> list[
     active = {
         "quant.unquantized_dtype": bool(recipe.quant.bits) and recipe.quant.unquantized_dtype == "compute",
         "train.fused_loss": estimate_module.loss_uses_fused_head(config, recipe),
-        "train.activation_offloading": offloading_on(recipe, cuda=True) and recipe.train.gradient_checkpointing,
+        "train.activation_offloading": offloading_on(recipe, cuda=True),
         "train.tiled_mlp": tiled_mlp_on(recipe) and config.model_type in estimate_module.TILED_FAMILIES,
     }
     lines = []
