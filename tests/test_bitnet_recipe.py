@@ -23,7 +23,7 @@ def eager():
 
 def test_bitnet_tiny_recipe_trains_ternary_with_two_stage_schedule_and_exports_packed(tmp_path):
     out = tmp_path / "bitnet"
-    steps = 40
+    steps = 50  # the loss halves by about step 40 on every loss path (fp32 rounding moves it a little): margin
     loaded = load_recipe("bitnet-b158-tiny", [
         f"train.output_dir={out}", f"train.max_steps={steps}", "train.logging_steps=1", "train.save_steps=100",
         "model.config.hidden_size=64", "model.config.intermediate_size=128", "model.config.num_hidden_layers=2",
