@@ -10,6 +10,8 @@ lets the CPU tests check that offloading leaves loss and gradients unchanged, an
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
@@ -19,8 +21,8 @@ MIN_OFFLOAD_BYTES = 1024
 
 class HostCopies(saved_tensors_hooks):
     """Saved tensors of MIN_OFFLOAD_BYTES or more (parameters excepted) kept as host copies until backward needs
-    them. `host_bytes` counts what was moved; `on_pack` (if set) runs around each copy, so a memory tracker can
-    leave the copy out of device memory."""
+    them. `host_bytes` counts what was moved; `untracked` (if given) makes the context each copy is made in, so a
+    memory tracker can leave the copy out of device memory."""
 
     def __init__(self, model: torch.nn.Module, untracked=None):
         self.params = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
@@ -32,8 +34,6 @@ class HostCopies(saved_tensors_hooks):
             if nbytes < MIN_OFFLOAD_BYTES or isinstance(t, torch.nn.Parameter) or t.untyped_storage().data_ptr() in self.params:
                 return t
             self.host_bytes += nbytes
-            from contextlib import nullcontext
-
             with self.untracked() if self.untracked else nullcontext():
                 copy = torch.empty(t.size(), dtype=t.dtype, device="cpu", pin_memory=t.device.type == "cuda")
                 copy.copy_(t, non_blocking=t.device.type == "cuda")
