@@ -372,7 +372,7 @@ def compare(loaded, *, warmup: int, compile_: bool, order: str = "interleaved") 
     first_batch = next(iter(trainer.get_train_dataloader()))["input_ids"]
     assert torch.equal(reader(starts[0]).cpu(), first_batch.cpu()), "the plain loop must read hf-vram's blocks"
 
-    # The same weights: the config and the init seed hf-vram builds from (hf_vram/build/model.py).
+    # The same weights: the config and the init seed hf-vram builds from (hf_vram/builders/model.py).
     torch.manual_seed(loaded.recipe.train.seed)
     plain_model = AutoModelForCausalLM.from_config(run.model.config,
                                                    attn_implementation=run.model.config._attn_implementation)

@@ -34,7 +34,7 @@ def frozen_parts(recipe, folder: Path) -> list[str]:
     from diffusers import AutoencoderKL
 
     from data_prep.images import shapes_images
-    from hf_vram.build.tokenizer import train_bpe
+    from hf_vram.builders.tokenizer import train_bpe
     from hf_vram.vram.diffusion_plan import _frozen_text_encoder, text_encoder_config, vae_config
 
     d = recipe.diffusion

@@ -61,7 +61,7 @@ def build(config, r: Recipe):
         import bitsandbytes as bnb
         from peft import get_peft_model, prepare_model_for_kbit_training
 
-        from hf_vram.build.adapter import adapter_config
+        from hf_vram.builders.adapter import adapter_config
 
         head = model.get_output_embeddings()
         for module in list(model.modules()):

@@ -48,7 +48,7 @@ def prepare_corpus(recipe: Recipe, output_dir: Path, tokenizer_path: str | None,
     `first` lets the main process make them while the other ranks wait, then they all read the same files."""
     from transformers import AutoTokenizer
 
-    from hf_vram.build.tokenizer import load_tokenizer
+    from hf_vram.builders.tokenizer import load_tokenizer
 
     d, t = recipe.data, recipe.tokenizer
     source = local_source(d.source)

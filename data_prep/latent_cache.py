@@ -262,7 +262,7 @@ def _build(directory: Path, key: str, data, parts, device, batch_size: int, flip
     meta: dict[str, Any] = {"key": key, "format_version": CACHE_FORMAT_VERSION, "images": n, "flipped": flip,
                             "text": text, "captions": False}
     if text:
-        from hf_vram.build.diffusion import encode_text
+        from hf_vram.builders.diffusion import encode_text
 
         rows: dict[str, int] = {"": 0}
         index = [rows.setdefault(c, len(rows)) for c in captions]

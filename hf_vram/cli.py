@@ -233,7 +233,7 @@ def _generate_images(out: Path, prompt: str) -> int:
     import torch
 
     from data_prep.images import save_grid
-    from hf_vram.build.diffusion import load_pipeline
+    from hf_vram.builders.diffusion import load_pipeline
 
     pipe = load_pipeline(out)
     pipe.set_progress_bar_config(disable=True)
@@ -273,7 +273,7 @@ def _cmd_push(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from hf_vram.export import merge_adapter
+    from hf_vram.merge import merge_adapter
 
     dest = merge_adapter(Path(args.output_dir), Path(args.out) if args.out else None, args.dtype, args.max_shard_size)
     print(f"merged model written to {dest}")

@@ -76,7 +76,7 @@ def tiny_base(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from data_prep.builtin import BUILTIN_SOURCES
-    from hf_vram.build.tokenizer import train_bpe
+    from hf_vram.builders.tokenizer import train_bpe
 
     path = tmp_path_factory.mktemp("tiny-base")
     texts = [r["text"] for r in BUILTIN_SOURCES["arithmetic"].records("text")[:500]]

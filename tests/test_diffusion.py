@@ -45,7 +45,7 @@ def losses(out) -> list[float]:
 def test_unconditional_unet_trains_saves_and_loads(tmp_path):
     from diffusers import DiffusionPipeline
 
-    from hf_vram.build.diffusion import build
+    from hf_vram.builders.diffusion import build
 
     out = tmp_path / "out"
     loaded = load_recipe(str(write_recipe(tmp_path, "unet", unet_recipe(out))))
@@ -295,7 +295,7 @@ def test_text_to_image_trains_saves_and_loads(tmp_path, arch, config, pipeline):
     saved pipeline loads and draws from a prompt."""
     from diffusers import DiffusionPipeline
 
-    from hf_vram.build.diffusion import pipeline_kwargs
+    from hf_vram.builders.diffusion import pipeline_kwargs
 
     pixel = pipeline == "PixelTextToImagePipeline"
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_vram.build.diffusion import pipeline_kwargs
+from hf_vram.builders.diffusion import pipeline_kwargs
 from hf_vram.recipe.load import load_recipe, shipped_recipes
 from hf_vram.train.lm import train
 
@@ -120,7 +120,7 @@ def test_every_shipped_diffusion_recipe_is_covered():
 def test_tiny_variant_of_the_diffusion_recipe_trains_and_loads(name, vae, tmp_path, monkeypatch):
     from diffusers import DiffusionPipeline
 
-    import hf_vram.build.diffusion as build_module
+    import hf_vram.builders.diffusion as build_module
 
     out = tmp_path / "out"
     loaded = tiny_diffusion(name, out, vae)

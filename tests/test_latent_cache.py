@@ -27,7 +27,7 @@ def frozen_parts(tmp_path_factory):
     from transformers import T5Config, T5EncoderModel
 
     from data_prep.images import load_images
-    from hf_vram.build.tokenizer import train_bpe
+    from hf_vram.builders.tokenizer import train_bpe
 
     folder = tmp_path_factory.mktemp("frozen")
     data = load_images("builtin:digits", max_samples=200)
@@ -58,7 +58,7 @@ def pixart_recipe(out, frozen, max_steps=20, flip=True) -> dict:
 def test_cached_values_equal_what_the_loop_computes(tmp_path, frozen_parts):
     from data_prep.images import load_images
     from data_prep.latent_cache import build_latent_cache, collate_latents
-    from hf_vram.build.diffusion import build, encode_text
+    from hf_vram.builders.diffusion import build, encode_text
     from hf_vram.recipe.schema import ImageSection
 
     recipe = load_recipe(str(write_recipe(tmp_path, "pixart", pixart_recipe(tmp_path / "out", frozen_parts)))).recipe
@@ -112,7 +112,7 @@ def test_training_from_the_cache_and_reusing_it(tmp_path, frozen_parts, capsys):
     loads and draws, and a second run on the same output directory reads the cache instead of building it again."""
     from diffusers import DiffusionPipeline
 
-    from hf_vram.build.diffusion import pipeline_kwargs
+    from hf_vram.builders.diffusion import pipeline_kwargs
     from hf_vram.train import diffusion as runner
 
     out = tmp_path / "out"

@@ -297,7 +297,7 @@ def test_unquantized_weights_in_bf16_train_as_fp32_ones(tmp_path, tiny_base):
 
 
 def test_liger_kernels_refused_where_they_cannot_run(tmp_path, tiny_base):
-    from hf_vram.build.long_context import liger_on
+    from hf_vram.builders.long_context import liger_on
     from hf_vram.errors import UserError
 
     r = load_recipe(str(write_recipe(tmp_path, "k", _lora_recipe(tiny_base, tmp_path / "o", kernels="liger")))).recipe

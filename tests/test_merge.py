@@ -20,9 +20,9 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, pipeline
 
-from hf_vram.build.model import keep_4bit_layout_for_training
+from hf_vram.builders.model import keep_4bit_layout_for_training
 from hf_vram.errors import UserError
-from hf_vram.export import merge_adapter
+from hf_vram.merge import merge_adapter
 
 from .conftest import run_cli
 

@@ -139,8 +139,8 @@ def test_chatml_tokens_survive_training_loading_and_merging(tiny_english_base, s
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_vram.export import merge_adapter
     from hf_vram.generate import load_pipeline
+    from hf_vram.merge import merge_adapter
 
     loaded = tiny_variant("llama7b-qlora-sharegpt", tiny_english_base, samples["sharegpt"], tmp_path / "out",
                           **{"data.chat_template": "chatml", "train.max_steps": 24})

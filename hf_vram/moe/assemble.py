@@ -468,7 +468,7 @@ def _generation_config(base_ref: str, model_config, tokenizer):
     model config's, stopping at the tokenizer's EOS (as hf-vram merge does)."""
     from transformers import GenerationConfig
 
-    from hf_vram.build.model import set_stop_tokens
+    from hf_vram.builders.model import set_stop_tokens
 
     try:
         return GenerationConfig.from_pretrained(base_ref)

@@ -291,7 +291,7 @@ def _check_model_config(recipe: Recipe, at) -> list[str]:
 
 def _check_diffusion_config(recipe: Recipe, at) -> list[str]:
     """task diffusion: model.arch names a diffusers model class; model.config keys are parameters of its __init__."""
-    from hf_vram.build.diffusion import ALL_ARCHS, DERIVED_KEYS, config_keys, model_class
+    from hf_vram.builders.diffusion import ALL_ARCHS, DERIVED_KEYS, config_keys, model_class
 
     arch = recipe.model.arch
     if arch not in ALL_ARCHS:

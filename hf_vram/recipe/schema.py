@@ -416,7 +416,7 @@ class Recipe(Section):
             raise ValueError(f"diffusion.conditioning: text conditioning goes with arch unet2d-condition or pixart "
                              f"(got conditioning {d.conditioning} with arch {arch})")
         if arch in ("dit", "pixart") and not d.vae:
-            # DiTPipeline and PixArtAlphaPipeline always decode with a VAE (build/diffusion.py).
+            # DiTPipeline and PixArtAlphaPipeline always decode with a VAE (builders/diffusion.py).
             raise ValueError(f"diffusion.vae: arch {arch} is saved as a pipeline that decodes latents with a VAE: name a "
                              "pretrained AutoencoderKL (e.g. stabilityai/sd-vae-ft-mse); unet2d and unet2d-condition "
                              "also run in pixel space")

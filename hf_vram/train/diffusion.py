@@ -100,7 +100,7 @@ def _conditions(batch, parts, cond_dropout: float, device=None):
     """Class labels with a fraction replaced by the null class, or caption embeddings (and mask) with a fraction of
     the captions replaced by the empty one (classifier-free guidance training)."""
     if parts.conditioning == "text":
-        from hf_vram.build.diffusion import encode_text
+        from hf_vram.builders.diffusion import encode_text
 
         captions = list(batch["caption"])
         if cond_dropout > 0:
@@ -131,7 +131,7 @@ def diffusion_loss(parts, model, latents, labels, snr_gamma: float | None):
         target = sched.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    from hf_vram.build.diffusion import forward
+    from hf_vram.builders.diffusion import forward
 
     pred = forward(parts, model, noisy, timesteps, labels)
     if snr_gamma is None:
@@ -161,7 +161,7 @@ def _sample_prompts(recipe, data) -> list[str]:
 
 def _sample_grid(parts, model, recipe, data, path: Path, accelerator, ema=None) -> Path:
     from data_prep.images import sample_classes, save_grid
-    from hf_vram.build.diffusion import generate, make_pipeline
+    from hf_vram.builders.diffusion import generate, make_pipeline
 
     d = recipe.diffusion
     unwrapped = accelerator.unwrap_model(model)
@@ -270,7 +270,7 @@ def model_card(loaded: LoadedRecipe, summary: dict) -> str:
     if "images_per_second" in summary:
         rows.append(("throughput", f"{summary['images_per_second']} images/s"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    from hf_vram.build.diffusion import CUSTOM_PIPELINE_MODULE, is_custom_pipeline, pipeline_name
+    from hf_vram.builders.diffusion import CUSTOM_PIPELINE_MODULE, is_custom_pipeline, pipeline_name
 
     name = pipeline_name(r.model.arch, d.conditioning, bool(d.vae))
     trust, custom = "", ""
@@ -295,7 +295,7 @@ def train_diffusion(loaded: LoadedRecipe) -> dict:
 
     from data_prep.images import collate, load_images
     from data_prep.latent_cache import build_latent_cache, cache_root, collate_latents
-    from hf_vram.build.diffusion import build, save_pipeline
+    from hf_vram.builders.diffusion import build, save_pipeline
 
     recipe, out = loaded.recipe, loaded.output_dir
     d, t, images_cfg = recipe.diffusion, recipe.train, recipe.data.images

@@ -23,9 +23,9 @@ from data_prep.chat import install_chat_template
 from data_prep.formats import CHAT_FORMATS
 from data_prep.prepare import Prepared, example_texts, load_examples, prepare_dataset
 from hf_vram.atomic import atomic_write_json, atomic_write_text
-from hf_vram.build.model import build_model, count_parameters, expose_bias_of_trainable_tokens, scan_path
-from hf_vram.build.tokenizer import load_tokenizer
-from hf_vram.build.training_args import training_args
+from hf_vram.builders.model import build_model, count_parameters, expose_bias_of_trainable_tokens, scan_path
+from hf_vram.builders.tokenizer import load_tokenizer
+from hf_vram.builders.training_args import training_args
 from hf_vram.card import model_card
 from hf_vram.device import torch_dtype
 from hf_vram.evaluate import scorable, score

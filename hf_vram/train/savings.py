@@ -3,7 +3,7 @@ step, and the loss (trl's fused LM head, or the full logits when train.fused_los
 
 from __future__ import annotations
 
-from hf_vram.build.long_context import offloading_on
+from hf_vram.builders.long_context import offloading_on
 from hf_vram.device import has_cuda
 from hf_vram.recipe.schema import Recipe
 

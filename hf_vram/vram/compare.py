@@ -28,7 +28,7 @@ def _build(config, recipe: Recipe):
     from transformers import AutoModelForCausalLM
 
     if recipe.quant.bits:
-        from hf_vram.build.quant import bnb_config
+        from hf_vram.builders.quant import bnb_config
 
         # bitsandbytes quantizes at load time: a random model of the config is saved, then loaded quantized.
         folder = tempfile.mkdtemp(prefix="hf-vram-measure-")
@@ -37,7 +37,7 @@ def _build(config, recipe: Recipe):
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.float32, device_map={"": "cpu"})
         from peft import prepare_model_for_kbit_training
 
-        from hf_vram.build.model import keep_4bit_layout_for_training
+        from hf_vram.builders.model import keep_4bit_layout_for_training
 
         keep_4bit_layout_for_training(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
@@ -46,7 +46,7 @@ def _build(config, recipe: Recipe):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=recipe.model.attn_implementation)
         if recipe.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from hf_vram.build.model import apply_memory_savings
+    from hf_vram.builders.model import apply_memory_savings
     from hf_vram.vram.estimate import loss_uses_fused_head
 
     # Tiled MLPs, as the runner has them; fp32 compute and no liger: the CPU measurement's settings.
@@ -63,7 +63,7 @@ def _build(config, recipe: Recipe):
     if recipe.adapter.type != "none":
         from peft import get_peft_model
 
-        from hf_vram.build.adapter import adapter_config
+        from hf_vram.builders.adapter import adapter_config
 
         adapter = recipe.adapter
         if adapter.type == "llama-adapter":
@@ -99,7 +99,7 @@ def measure(config, recipe: Recipe, fake: bool | None = None) -> Measured:
     else:
         optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
     batch = {"input_ids": ids, "labels": ids}
-    from hf_vram.build.long_context import offloading_on
+    from hf_vram.builders.long_context import offloading_on
     from hf_vram.vram.estimate import loss_uses_fused_head
 
     if loss_uses_fused_head(config, recipe):

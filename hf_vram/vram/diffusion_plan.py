@@ -120,7 +120,7 @@ class _Shapes:
         if self.text is not None:
             self.text_dim = getattr(self.text, "d_model", None) or self.text.hidden_size
         elif self.text_trainable:
-            from hf_vram.build.diffusion import scratch_text_dim
+            from hf_vram.builders.diffusion import scratch_text_dim
 
             self.text_dim = scratch_text_dim(r)
         else:
@@ -144,7 +144,7 @@ class _Step(torch.nn.Module):
     def forward(self, latents, noise, timesteps, labels=None, input_ids=None, mask=None, embeds=None):
         from types import SimpleNamespace
 
-        from hf_vram.build.diffusion import forward
+        from hf_vram.builders.diffusion import forward
 
         noisy = latents + noise  # the scheduler's add_noise: same shapes, same memory
         autocast = torch.autocast("cpu", dtype=self.dtype) if self.dtype else nullcontext()
@@ -178,7 +178,7 @@ def measure_step(shapes: _Shapes, micro: int, checkpointing: bool, precision: st
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hf_vram.build.diffusion import DiffusionParts, model_class, model_config, scratch_text_encoder
+    from hf_vram.builders.diffusion import DiffusionParts, model_class, model_config, scratch_text_encoder
     from hf_vram.vram.measure import measure_step as tracked_step
 
     r, d = shapes.recipe, shapes.recipe.diffusion

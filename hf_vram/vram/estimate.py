@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from hf_vram.build.long_context import offloading_on, tiled_mlp_on
+from hf_vram.builders.long_context import offloading_on, tiled_mlp_on
 from hf_vram.recipe.schema import Recipe
 from hf_vram.vram.counts import Counts, count_parameters
 from hf_vram.vram.gpus import GPU

@@ -122,7 +122,7 @@ def with_setting(recipe, key: str, value):
 def savings_lines(config, recipe, gpu: GPU, counts: Counts, plan: Plan) -> list[str]:
     """What each memory saving that is on saves at this recipe's size (the plan again with it off), and what each
     one that is off would save."""
-    from hf_vram.build.long_context import offloading_on, tiled_mlp_on
+    from hf_vram.builders.long_context import offloading_on, tiled_mlp_on
 
     active = {
         "quant.unquantized_dtype": bool(recipe.quant.bits) and recipe.quant.unquantized_dtype == "compute",
@@ -153,7 +153,7 @@ def longest_context(config, recipe, gpu: GPU, counts: Counts, limit: int = 1 << 
     """The longest data.max_length (a multiple of 256) that fits the card at micro-batch 1, the recipe's other
     settings kept. `auto` savings switch on at fixed lengths, so the plan's peak grows with the length only between
     those lengths: each stretch is binary-searched, and the longest fit of any stretch is the answer."""
-    from hf_vram.build.long_context import OFFLOAD_FROM, TILED_MLP_FROM
+    from hf_vram.builders.long_context import OFFLOAD_FROM, TILED_MLP_FROM
 
     one = with_setting(recipe, "train.micro_batch_size", 1)
 

@@ -251,7 +251,7 @@ def _set_generation_config(model, tokenizer, output_dir: Path) -> None:
         model.generation_config = GenerationConfig.from_pretrained(output_dir)
         return
     # The same stops the adapter was trained and scored with: the base's own, EOS, and a chat template's.
-    from hf_vram.build.model import set_stop_tokens
+    from hf_vram.builders.model import set_stop_tokens
 
     set_stop_tokens(model.generation_config, tokenizer)
 

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 import hf_vram.models  # noqa: F401  (architectures hf-vram adds, RetNet, register with the Auto classes)
-from hf_vram.build.adapter import adapter_config
-from hf_vram.build.quant import bnb_config, sharded_launch
+from hf_vram.builders.adapter import adapter_config
+from hf_vram.builders.quant import bnb_config, sharded_launch
 from hf_vram.device import has_cuda, torch_dtype
 from hf_vram.recipe.schema import Recipe
 
@@ -124,7 +124,7 @@ def apply_memory_savings(model, recipe: Recipe, cuda: bool) -> list[str]:
     """The recipe's memory savings on a built model, before any adapter: unquantized weights of a 4-bit or 8-bit
     base back in the compute dtype, liger-kernel's fused RMSNorm / RoPE / SwiGLU, tiled MLPs. Returns what was
     applied, for the log."""
-    from hf_vram.build.long_context import liger_on
+    from hf_vram.builders.long_context import liger_on
 
     done = []
     compute = torch_dtype(recipe.quant.compute_dtype)
@@ -153,7 +153,7 @@ def apply_memory_savings(model, recipe: Recipe, cuda: bool) -> list[str]:
 
 
 def _tile(model, recipe: Recipe) -> list[str]:
-    from hf_vram.build.long_context import tiled_mlp_on
+    from hf_vram.builders.long_context import tiled_mlp_on
 
     if not tiled_mlp_on(recipe):
         return []
@@ -182,7 +182,7 @@ def cast_unquantized(model, dtype: torch.dtype) -> str:
 
 def set_stop_tokens(generation_config, tokenizer) -> None:
     """Generation stops at EOS, at the stops the model already has (Llama-3-Instruct's <|eot_id|>), and at
-    ChatML's <|im_end|> when the tokenizer has it. Also used when a merged model is saved (hf_vram/export.py)."""
+    ChatML's <|im_end|> when the tokenizer has it. Also used when a merged model is saved (hf_vram/merge.py)."""
     if tokenizer.pad_token_id is not None:
         generation_config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.eos_token_id is None:

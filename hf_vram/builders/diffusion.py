@@ -191,7 +191,7 @@ def load_text_encoder(recipe, captions=()):
             tok.pad_token = tok.eos_token
         encoder.requires_grad_(False)
         return encoder.eval(), tok, False
-    from hf_vram.build.tokenizer import train_bpe
+    from hf_vram.builders.tokenizer import train_bpe
 
     captions = [c for c in captions if c]
     if not captions:
