@@ -1,5 +1,5 @@
 """Training throughput of a small UNet2DModel from scratch: hf-vram's `task: diffusion` path (the shipped
-unet-ddpm-64 recipe, made small by overrides -> data_prep.images -> hf_vram.train.diffusion's Accelerate loop)
+unet-ddpm-64 recipe, made small by overrides -> data_prep.images -> hf_vram.runners.diffusion's Accelerate loop)
 against a minimal hand-written diffusers + PyTorch loop in the shape of diffusers'
 examples/unconditional_image_generation/train_unconditional.py, on the same model config and init seed, the same
 images and batch, DDPMScheduler, AdamW, cosine schedule, clipping, EMA and precision (fp32), in this run.
@@ -62,9 +62,9 @@ def overrides_for(output_dir: Path, source: str, resolution: int, batch: int, st
 
 def run_hf_vram(loaded) -> tuple[float, dict]:
     """hf-vram's runner end to end; its own steady-state rate (steps 2..N) from train_summary.json."""
-    from hf_vram.train.diffusion import train_diffusion
+    from hf_vram.runners.run import finish, setup
 
-    summary = train_diffusion(loaded)
+    summary = finish(setup(loaded))
     return float(summary["images_per_second"]), summary
 
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{r.data.source} ({hf_summary['images']} images) at {r.data.images.resolution}px, "
           f"random_flip {r.data.images.random_flip}, batch {r.train.micro_batch_size}, {args.steps} steps per run "
           f"(steps 2..{args.steps} timed), fp32, {torch.get_num_threads()} CPU thread(s)")
-    print(f"hf-vram settings: recipe {RECIPE.name} via hf_vram.train.diffusion (Accelerate), "
+    print(f"hf-vram settings: recipe {RECIPE.name} via hf_vram.runners.diffusion (Accelerate), "
           f"DDPMScheduler {r.diffusion.num_train_timesteps} {r.diffusion.beta_schedule} {r.diffusion.prediction_type}, "
           f"AdamW lr {r.train.lr} betas (0.9, {r.train.adam_beta2}) wd {r.train.weight_decay}, "
           f"{r.train.lr_scheduler} warmup {r.train.warmup}, clip {r.train.max_grad_norm}, "

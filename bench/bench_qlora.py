@@ -1,4 +1,4 @@
-"""QLoRA fine-tuning throughput: hf-vram's SFT path (a recipe -> hf_vram.train.lm.prepare and fit) against plain trl
+"""QLoRA fine-tuning throughput: hf-vram's SFT path (a recipe -> hf_vram.runners.run.setup and finish) against plain trl
 `SFTTrainer` with its defaults (`SFTConfig`) on the same 4-bit base, LoRA, data and batch, in one run; and what the
 fused loss (train.fused_loss, trl's tiled LM head: the [tokens x vocabulary] logits never exist whole) costs against
 the model's own loss on full logits.
@@ -234,7 +234,7 @@ class StepClock(TrainerCallback):
 class Side:
     name: str
     trainer: object
-    train: Callable[[], object]  # runs the whole training (hf-vram: fit(run); plain: trainer.train)
+    train: Callable[[], object]  # runs the whole training (hf-vram: finish(run); plain: trainer.train)
     clock: StepClock | None = None
 
     def tokens_per_second(self, warmup: int) -> float:
@@ -302,19 +302,19 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warmup = max(1, min(args.warmup, args.steps - 1))
-    from hf_vram.train.lm import fit, prepare
+    from hf_vram.runners.run import finish, setup
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = write_base(tmp / "base", SMALL_LLAMA, SMALL_VOCAB)
         data = alpaca_jsonl(tmp / "alpaca.jsonl", SMALL_VOCAB, records=max(64, args.steps * args.batch * 2))
         shape = dict(batch=args.batch, max_length=args.max_length, steps=args.steps)
-        fused = prepare(load(qlora_recipe(base, data, tmp / "fused", **shape, fused_loss=True), tmp, "fused"))
-        full = prepare(load(qlora_recipe(base, data, tmp / "full", **shape, fused_loss=False), tmp, "full"))
+        fused = setup(load(qlora_recipe(base, data, tmp / "fused", **shape, fused_loss=True), tmp, "fused"))
+        full = setup(load(qlora_recipe(base, data, tmp / "full", **shape, fused_loss=False), tmp, "full"))
         plain = plain_trainer(str(base), fused.trainer.train_dataset, fused.tokenizer, fused.loaded.recipe.adapter,
                               **shape, out=tmp / "plain", bf16=fused.trainer.args.bf16)
-        sides = [Side("hf-vram (QLoRA, prepare/fit)", fused.trainer, lambda: fit(fused)),
-                 Side("hf-vram train.fused_loss=false", full.trainer, lambda: fit(full)),
+        sides = [Side("hf-vram (QLoRA, setup/finish)", fused.trainer, lambda: finish(fused)),
+                 Side("hf-vram train.fused_loss=false", full.trainer, lambda: finish(full)),
                  Side("plain trl SFTTrainer (defaults)", plain, plain.train)]
         interleave(sides)
     where = (torch.cuda.get_device_name() if torch.cuda.is_available()

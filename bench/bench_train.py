@@ -352,14 +352,14 @@ class Result:
 
 
 def compare(loaded, *, warmup: int, compile_: bool, order: str = "interleaved") -> Result:
-    """Train the recipe through hf-vram (hf_vram.train.lm.prepare and fit) and the same model through the plain
+    """Train the recipe through hf-vram (hf_vram.runners.run.setup and finish) and the same model through the plain
     loop: step by step alternately (order "interleaved"), or one whole run after the other ("hf-first",
     "plain-first"; the device synchronized at the two ends of the timed window only)."""
     from transformers import AutoModelForCausalLM
 
-    from hf_vram.train.lm import fit, prepare
+    from hf_vram.runners.run import finish, setup
 
-    run = prepare(loaded)
+    run = setup(loaded)
     trainer, args = run.trainer, run.trainer.args
     device = args.device
     steps = args.max_steps
@@ -393,7 +393,7 @@ def compare(loaded, *, warmup: int, compile_: bool, order: str = "interleaved") 
     else:
         timer = WindowTimer(warmup, device)
         trainer.add_callback(timer)
-    fit(run)  # the whole hf-vram path: its callbacks (memory log, checkpoints), logging, the save at the end
+    finish(run)  # the whole hf-vram path: its callbacks (memory log, checkpoints), logging, the save at the end
     if order == "interleaved":
         hf_stamps, plain_stamps = cumulative(both.hf_steps), cumulative(both.plain_steps)
     else:

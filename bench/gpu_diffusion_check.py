@@ -34,8 +34,8 @@ def frozen_parts(recipe, folder: Path) -> list[str]:
     from diffusers import AutoencoderKL
 
     from data_prep.images import shapes_images
-    from hf_vram.builders.tokenizer import train_bpe
-    from hf_vram.vram.diffusion_plan import _frozen_text_encoder, text_encoder_config, vae_config
+    from data_prep.tokenizer import train_bpe
+    from hf_vram.vram.diffusion_plan import frozen_text_encoder, text_encoder_config, vae_config
 
     d = recipe.diffusion
     overrides = []
@@ -50,14 +50,14 @@ def frozen_parts(recipe, folder: Path) -> list[str]:
         captions = [f"a {SHAPE_CLASS_NAMES[i]}" for i in labels]
         config = text_encoder_config(d.text_encoder)
         tok = train_bpe(captions, min(config.vocab_size, 1000), d.max_caption_length)
-        _frozen_text_encoder(config).save_pretrained(folder / "text")
+        frozen_text_encoder(config).save_pretrained(folder / "text")
         tok.save_pretrained(folder / "text")
         overrides.append(f"diffusion.text_encoder={folder / 'text'}")
     return overrides
 
 
 def check(name: str, folder: Path, steps: int, dry_run: bool) -> dict:
-    from hf_vram.train.lm import train
+    from hf_vram.runners.run import train
     from hf_vram.vram.diffusion_plan import plan_diffusion
 
     shipped = load_recipe(name)

@@ -24,6 +24,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,7 +94,30 @@ class Table:
             self.path.write_text("\n".join(self.lines) + "\n")
 
 
-def main() -> None:
+@dataclass
+class Setup:
+    """What one run measures: sizes, steps and the device, from the command line (--dry-run: tiny, on the CPU)."""
+
+    dry: bool
+    steps: int
+    warmup: int
+    batch: int
+    compile_: bool
+    config: dict
+    vocab: int
+    device: torch.device
+
+    @property
+    def seq(self) -> int:
+        return self.config["n_positions"]
+
+    @property
+    def matmul(self) -> tuple[int, int, int]:
+        """The model's MLP matmul at this micro-batch: (B·T x H) @ (H x 4H)."""
+        return self.batch * self.seq, self.config["n_embd"], 4 * self.config["n_embd"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="markdown file for the results table")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps of each side (default 40; dry run 6)")
@@ -104,7 +128,11 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="eager on both sides")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny GPT-2, fp32, no compile: the code path only")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another recipe override")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    """The run's sizes; offline, and on the CPU for a dry run even where a card is present."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -114,26 +142,28 @@ def main() -> None:
     if dry:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU even where a card is present
     steps = args.steps or (6 if dry else 40)
-    warmup = max(1, min(args.warmup if args.warmup is not None else (2 if dry else 10), steps - 1))
-    batch = args.batch or (4 if dry else 16)
-    compile_ = not (dry or args.no_compile)
-    config = dict(TINY_GPT2) if dry else {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024}
-    vocab = 512 if dry else GPT2_VOCAB
-    seq = config["n_positions"]
-    device = torch.device("cpu" if dry else "cuda")
-    table = Table(args.out)
+    return Setup(
+        dry=dry,
+        steps=steps,
+        warmup=max(1, min(args.warmup if args.warmup is not None else (2 if dry else 10), steps - 1)),
+        batch=args.batch or (4 if dry else 16),
+        compile_=not (dry or args.no_compile),
+        config=dict(TINY_GPT2) if dry else {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024},
+        vocab=512 if dry else GPT2_VOCAB,
+        device=torch.device("cpu" if dry else "cuda"),
+    )
 
-    from hf_vram.recipe.load import load_recipe
 
-    mm = (batch * seq, config["n_embd"], 4 * config["n_embd"])
-    where = torch.cuda.get_device_name() if not dry else f"CPU, {bt.pick_threads(*mm)[0]} thread(s)"
-    table.add(f"# GPT-2 {'(dry run, tiny) ' if dry else '124M '}pretraining: hf-vram against a plain loop",
+def write_peaks(table: Table, run: Setup) -> tuple[float, float]:
+    """(peak for MFU, matmul rate measured here), written first: a run cut short still leaves them."""
+    mm = run.matmul
+    where = torch.cuda.get_device_name() if not run.dry else f"CPU, {bt.pick_threads(*mm)[0]} thread(s)"
+    table.add(f"# GPT-2 {'(dry run, tiny) ' if run.dry else '124M '}pretraining: hf-vram against a plain loop",
               "", f"- device: {where}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    # The peaks first: a run cut short still leaves them.
-    mm_dtype = torch.float32 if dry else torch.bfloat16
-    measured = bt.matmul_rate(*mm, mm_dtype, device)
+    mm_dtype = torch.float32 if run.dry else torch.bfloat16
+    measured = bt.matmul_rate(*mm, mm_dtype, run.device)
     mm_label = f"{str(mm_dtype).removeprefix('torch.')} mm {mm[0]}x{mm[1]} @ {mm[1]}x{mm[2]}, best of 7"
-    if dry:
+    if run.dry:
         peak, peak_label = measured, f"measured {mm_label} (dry run: no card)"
     else:
         peak, peak_label = card_peak()
@@ -141,27 +171,35 @@ def main() -> None:
             peak, peak_label = measured, f"measured {mm_label} ({peak_label})"
     table.add(f"- matmul rate measured in this run ({mm_label}): {measured / 1e12:.3f} TFLOP/s",
               f"- peak for MFU: {peak_label}")
+    return peak, measured
+
+
+def run_both(table: Table, run: Setup, args: argparse.Namespace):
+    """(bench_train's comparison of the two sides, seconds both took) on generated token data in a temp folder."""
+    from hf_vram.recipe.load import load_recipe
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tokenizer_dir = word_tokenizer(tmp / "tokenizer", vocab, seq)
+        tokenizer_dir = word_tokenizer(tmp / "tokenizer", run.vocab, run.seq)
         # Windows start every 64 tokens: 16 x 40 blocks of 1024 come from about 200k tokens of text.
-        stride = 16 if dry else 64
-        text = token_text(tmp / "tokens.txt", vocab, max(20_000, (steps * batch + 8) * stride + seq))
-        overrides = bt.overrides_for(config, text, tmp / "out", batch, steps, compile_, extra=(
+        stride = 16 if run.dry else 64
+        text = token_text(tmp / "tokens.txt", run.vocab, max(20_000, (run.steps * run.batch + 8) * stride + run.seq))
+        overrides = bt.overrides_for(run.config, text, tmp / "out", run.batch, run.steps, run.compile_, extra=(
             f"tokenizer.name_or_path={tokenizer_dir}", "data.subset=null", f"data.block_stride={stride}",
             "train.warmup=5", "train.auto_fit=false", "train.logging_steps=10",
-            *(["train.precision=fp32"] if dry else []), *args.set))
+            *(["train.precision=fp32"] if run.dry else []), *args.set))
         loaded = load_recipe(RECIPE, overrides)
         t = loaded.recipe.train
         table.add(f"- recipe: {RECIPE.name} + overrides: {' '.join(o for o in overrides if 'source=' not in o and 'output_dir=' not in o and 'name_or_path=' not in o)}",
-                  f"- micro-batch {batch} x {seq} tokens, grad_accum 1, {steps} steps ({warmup} warm-up steps untimed, "
-                  f"order {args.order}); optimizer {t.optimizer}, torch_compile {t.torch_compile}, precision "
-                  f"{'fp32' if dry else t.precision}")
+                  f"- micro-batch {run.batch} x {run.seq} tokens, grad_accum 1, {run.steps} steps ({run.warmup} warm-up "
+                  f"steps untimed, order {args.order}); optimizer {t.optimizer}, torch_compile {t.torch_compile}, "
+                  f"precision {'fp32' if run.dry else t.precision}")
         started = time.perf_counter()
-        res = bt.compare(loaded, warmup=warmup, compile_=compile_, order=args.order)
-        elapsed = time.perf_counter() - started
+        res = bt.compare(loaded, warmup=run.warmup, compile_=run.compile_, order=args.order)
+        return res, time.perf_counter() - started
 
+
+def write_results(table: Table, run: Setup, res, elapsed: float, peak: float, measured: float) -> None:
     hf, pl = res.hf, res.plain
     ratio = hf.tokens_per_second / pl.tokens_per_second
     rows = []
@@ -171,7 +209,7 @@ def main() -> None:
         rows.append(f"| {name} | {tps:,.0f} | {timing.window_seconds / timing.window_steps * 1000:.1f} | "
                     f"{achieved / 1e12:.2f} | {achieved / peak:.3f} | {achieved / measured:.3f} |")
     memory = ""
-    if device.type == "cuda":
+    if run.device.type == "cuda":
         memory = f"; peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB (both sides)"
     table.add(
         "", f"model: N = {res.n_params / 1e6:.2f}M (position embeddings left out), FLOPs/token 6N + 12LHQT = "
@@ -187,6 +225,16 @@ def main() -> None:
     if 1 in res.hf_losses and 1 in res.plain_losses:
         table.add(f"loss at step 1: hf-vram {res.hf_losses[1] * res.hf_loss_scale:.4f}, plain {res.plain_losses[1]:.4f}"
                   + (" (hf-vram's logged value x T/(T-1): the Trainer counts T labels a row)" if res.hf_loss_scale != 1 else ""))
+
+
+def main() -> None:
+    args = parse_args()
+    run = setup(args)
+    table = Table(args.out)
+    peak, measured = write_peaks(table, run)
+    res, elapsed = run_both(table, run, args)
+    write_results(table, run, res, elapsed, peak, measured)
+
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ hf-vram against plain trl `SFTTrainer` defaults on the same model, data and batc
     python bench/gpu_longctx_check.py --dry-run --out /tmp/longctx.md         # the same code on the CPU, tiny
 
 Everything trains through the runner: a shipped recipe with overrides (a local base, generated Alpaca-shaped data,
-batch 1, one step) -> hf_vram.recipe.load.load_recipe -> hf_vram.train.lm.prepare and fit. The one stand-in is the
+batch 1, one step) -> hf_vram.recipe.load.load_recipe -> hf_vram.runners.run.setup and finish. The one stand-in is the
 weights: no Hub and no 16 GB checkpoint to write, so `from_pretrained` is replaced by `random_weights`, which builds
 the saved config's model on the GPU, each linear layer of the blocks drawn in bf16 and quantized to NF4 by
 bitsandbytes at once (as transformers quantizes a checkpoint while loading it), and marks it loaded in 4 bits as
@@ -15,9 +15,9 @@ transformers does; the rest of build_model (prepare_model_for_kbit_training, the
 1. llama3-8b-qlora-longctx with every saving on (quant.unquantized_dtype compute, train.fused_loss,
    train.activation_offloading, train.tiled_mlp; train.kernels auto: liger-kernel where installed), then with each
    of the four off in turn; for each, 4k, 8k, 16k and 32k tokens, shortest first, one step each, and a length after
-   an out-of-memory is skipped (one prepare() per setting: the prepared rows are cut to each length). The cap is
+   an out-of-memory is skipped (one setup() per setting: the prepared rows are cut to each length). The cap is
    torch.cuda.set_per_process_memory_fraction at 12 GiB less the plan's CUDA context (what a 12 GB card leaves the
-   allocator); the peaks are those fit() records (max_memory_allocated / reserved). Beside each, the plan of the
+   allocator); the peaks are those finish() records (max_memory_allocated / reserved). Beside each, the plan of the
    same recipe for an RTX 4070 (hf_vram.vram.plan.plan_recipe) and whether it predicts a fit.
 2. The longest sequence that trains with every saving on (doubling from the longest of 1., then halving the gap to a
    4,096-token step), against the plan's (hf_vram.vram.plan.longest_context, `hf-vram plan --longest`).
@@ -123,7 +123,7 @@ class Clock:
 
     def guess(self, tokens: int, prepare: bool) -> float:
         """Seconds a step of `tokens` will take, from the nearest shorter one measured (attention grows
-        quadratically, the rest linearly: a power of 1.5 in between), plus a prepare() when one is needed."""
+        quadratically, the rest linearly: a power of 1.5 in between), plus a setup() when one is needed."""
         shorter = [t for t in self.step_seconds if t <= tokens]
         step = 0.0
         if shorter:
@@ -291,23 +291,23 @@ def is_oom(e: BaseException) -> bool:
 def _tracker(cap: int, model):
     """The dry run's cap: live tensor storages counted by hf-vram's step tracker, the model's own first; past
     `cap` bytes an op raises torch.OutOfMemoryError, as the CUDA allocator does past its memory fraction."""
-    from hf_vram.vram.measure import _model_tensors, _Tracker
+    from hf_vram.vram.measure import PeakTracker, model_tensors
 
-    class Capped(_Tracker):
+    class Capped(PeakTracker):
         def track(self, t) -> None:
             super().track(t)
             if self.current > cap:
                 raise torch.OutOfMemoryError(f"dry-run cap: {self.current:,} bytes live > {cap:,}")
 
     tracker = Capped()
-    for t in _model_tensors(model):
+    for t in model_tensors(model):
         tracker.track(t)
     return tracker
 
 
 def train_once(run, scale: Scale) -> dict:
-    """One fit() of a prepared run under the cap: status ok / OOM / error, peaks (GiB), seconds, loss."""
-    from hf_vram.train.lm import fit
+    """One finish() of a prepared run under the cap: status ok / OOM / error, peaks (GiB), seconds, loss."""
+    from hf_vram.runners.run import finish
 
     if scale.cuda:
         torch.cuda.empty_cache()  # the reserved peak starts from what is held, cached blocks of the last length too
@@ -315,7 +315,7 @@ def train_once(run, scale: Scale) -> dict:
     t0 = time.perf_counter()
     try:
         with tracker if tracker is not None else nullcontext():
-            summary = fit(run)
+            summary = finish(run)
     except Exception as e:  # an OOM is a result; other errors are recorded on the GPU, raised in the dry run
         seconds = time.perf_counter() - t0
         if is_oom(e):
@@ -416,13 +416,13 @@ class Work:
         out = self.root / "runs" / name
         return load_recipe(recipe, overrides(self.base, data, out, tokens, steps) + extra)
 
-    def prepare(self, loaded, clock: Clock):
-        from hf_vram.train.lm import prepare
+    def setup(self, loaded, clock: Clock):
+        from hf_vram.runners.run import setup
 
         shutil.rmtree(loaded.output_dir, ignore_errors=True)  # a run's output must not look like one to resume
         t0 = time.perf_counter()
         with random_pretrained():
-            run = prepare(loaded)
+            run = setup(loaded)
         clock.prepare_seconds = max(clock.prepare_seconds, time.perf_counter() - t0)
         return run, run.trainer.train_dataset
 
@@ -444,7 +444,7 @@ def sweep_setting(work: Work, clock: Clock, table: Table, name: str, change: str
             if run is None:
                 # What an earlier run left on the card would count in this one's peaks: shown, to be ~0.
                 row["left_before_gib"] = round(leftover(), 3)
-                run, rows = work.prepare(work.load(data, slug, max(scale.lengths), extra), clock)
+                run, rows = work.setup(work.load(data, slug, max(scale.lengths), extra), clock)
             run.trainer.train_dataset = cut_to(rows, tokens)
             row.update(train_once(run, scale), savings=savings_in(run))
             if row["status"] == "ok":
@@ -495,7 +495,7 @@ def longest(work: Work, clock: Clock, table: Table, start: int) -> None:
             note = f"; stopped before {tokens:,} tokens (time)"
             break
         if run is None:
-            run, rows = work.prepare(work.load(data, "longest", scale.search_max, ALL_ON), clock)
+            run, rows = work.setup(work.load(data, "longest", scale.search_max, ALL_ON), clock)
         run.trainer.train_dataset = cut_to(rows, tokens)
         result = train_once(run, scale)
         peak = f" {result['reserved']:.2f} GiB" if "reserved" in result else ""
@@ -517,7 +517,7 @@ def longest(work: Work, clock: Clock, table: Table, start: int) -> None:
 
 def speed(work: Work, clock: Clock, table: Table) -> None:
     """Section 3: the recipe's own settings at speed_length tokens against plain trl, one step of each in turn."""
-    from hf_vram.train.lm import fit
+    from hf_vram.runners.run import finish
 
     scale = work.scale
     steps, warmup = scale.speed_steps, 2 if scale.cuda else 1
@@ -531,12 +531,12 @@ def speed(work: Work, clock: Clock, table: Table) -> None:
         torch.cuda.set_per_process_memory_fraction(1.0)
     data = long_data(work.root / "speed.jsonl", scale.vocab, scale.speed_length, records=steps)
     loaded = work.load(data, "speed", scale.speed_length, ["train.logging_steps=10"], steps=steps, recipe=SPEED_RECIPE)
-    run, rows = work.prepare(loaded, clock)
+    run, rows = work.setup(loaded, clock)
     with random_pretrained():
         plain = bq.plain_trainer(str(work.base), rows, run.tokenizer, loaded.recipe.adapter, batch=1,
                                  max_length=scale.speed_length, steps=steps, out=work.root / "plain",
                                  bf16=run.trainer.args.bf16)
-    sides = [bq.Side(f"hf-vram ({SPEED_RECIPE})", run.trainer, lambda: fit(run)),
+    sides = [bq.Side(f"hf-vram ({SPEED_RECIPE})", run.trainer, lambda: finish(run)),
              bq.Side("plain trl SFTTrainer (defaults)", plain, plain.train)]
     bq.interleave(sides)
     hf, pl = (s.tokens_per_second(warmup) for s in sides)

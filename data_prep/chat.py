@@ -10,7 +10,7 @@ as they are. Tokenizers without a template get one supplied here, saved with the
 
 from __future__ import annotations
 
-from hf_vram.errors import DataError
+from data_prep.errors import DataError
 
 # "### User:" / "### Assistant:" turns, each answer ended by EOS: needs no new tokens, stops generation at the
 # end of an answer. The generation markers let transformers' return_assistant_tokens_mask work with it too.

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from data_prep.errors import DataError
 from data_prep.shards import ShardInfo, TokenBlocks, iter_documents, prepare_shards
-from hf_vram.errors import DataError
-from hf_vram.recipe.schema import Recipe
 
 
 @dataclass
@@ -42,13 +42,17 @@ def local_source(source: str) -> str:
                         "and give its local path as data.source") from None
 
 
-def prepare_corpus(recipe: Recipe, output_dir: Path, tokenizer_path: str | None,
+def prepare_corpus(recipe: Any, output_dir: Path, tokenizer_path: str | None,
                    first: Callable[[str], AbstractContextManager] = lambda desc: nullcontext()) -> Corpus:
     """Tokenizer (trained on the corpus when the recipe asks) and token shards, each made once: under a launcher
-    `first` lets the main process make them while the other ranks wait, then they all read the same files."""
+    `first` lets the main process make them while the other ranks wait, then they all read the same files.
+
+    `recipe` is read by attribute only (a validated recipe, or any object of that shape): recipe.data.source,
+    .text_field, .split, .subset, .max_samples, .val_size, .max_length, .block_stride, and recipe.tokenizer.train,
+    .train_documents (plus what load_tokenizer reads: .kind, .vocab_size)."""
     from transformers import AutoTokenizer
 
-    from hf_vram.builders.tokenizer import load_tokenizer
+    from data_prep.tokenizer import load_tokenizer  # imports transformers: only when a corpus is prepared
 
     d, t = recipe.data, recipe.tokenizer
     source = local_source(d.source)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hf_vram.errors import DataError
+from data_prep.errors import DataError
 
 ALPACA_PREAMBLE = {
     False: "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n",
@@ -83,16 +83,35 @@ class _Record:
         if not self.has(name):
             if not required:
                 return None
-            present = ", ".join(sorted(self.record)) or "no fields"
+            # Arrow gives every record the columns of the whole file: a field another record has reads as null
+            # here, so the fields named are the ones this record fills.
+            filled = ", ".join(sorted(k for k, v in self.record.items() if v is not None)) or "no fields"
+            if name in self.record:
+                self.fail(
+                    f"field '{name}' is null (the record fills: {filled}); give '{name}' a value in the file, or "
+                    "delete the record (a field left out of one record, where other records have it, reads as null too)"
+                )
+            nested = self.nested_under(name)
+            hint = (f"; the records seem to be nested under '{nested}': give the list itself as the file's content "
+                    "([{...}, {...}]) or as JSON Lines") if nested else ""
             self.fail(
-                f"missing field '{name}' for format '{self.fmt}' (the record has: {present}); "
-                "fix the record or set data.format to the layout the file has"
+                f"missing field '{name}' for format '{self.fmt}' (the record has: {filled}); "
+                f"fix the record or set data.format to the layout the file has{hint}"
             )
         return self.record[name]
+
+    def nested_under(self, name: str) -> str | None:
+        """The field holding a list of records that have `name` (a file of {"data": [records]} read as one record)."""
+        for key, value in self.record.items():
+            if isinstance(value, list) and value and isinstance(value[0], dict) and name in value[0]:
+                return key
+        return None
 
     def text(self, value, where: str, required: bool = True) -> str:
         if value is None and not required:
             return ""
+        if value is None:
+            self.fail(f"field '{where}' is null; give it a value in the file, or delete the record")
         if not isinstance(value, str):
             self.fail(f"field '{where}' must be a string, got {type(value).__name__}")
         if required and not value.strip():

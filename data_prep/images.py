@@ -20,14 +20,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from hf_vram.errors import DataError, did_you_mean
-from hf_vram.recipe.schema import ImageSection
+from data_prep.errors import DataError, did_you_mean
 
 BUILTIN_IMAGE_SOURCES = ("builtin:digits", "builtin:shapes")
 
@@ -43,6 +42,33 @@ SHAPE_CLASS_NAMES = [f"{colour} {kind}" for colour in SHAPE_COLOURS for kind in 
 # sample_captions reads at most this many captions looking for distinct ones (a large Hub dataset could
 # otherwise be scanned end to end when its captions repeat).
 _CAPTION_SCAN_LIMIT = 10_000
+
+
+class ImageSettings(Protocol):
+    """What load_images reads of data.images: the recipe's validated section, ImageOptions, or any object with
+    these attributes."""
+
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+    channels: int
+    image_field: str
+    caption_field: str | None
+    label_field: str | None
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """data.images when a recipe leaves it out: the same fields and defaults as the recipe schema's section (a test
+    checks that the two agree)."""
+
+    resolution: int = 64
+    center_crop: bool = True
+    random_flip: bool = False
+    channels: int = 3
+    image_field: str = "image"
+    caption_field: str | None = None
+    label_field: str | None = None
 
 
 @dataclass
@@ -101,7 +127,7 @@ class ImageTransform:
         self.channels = channels
 
     @classmethod
-    def from_section(cls, images: ImageSection) -> ImageTransform:
+    def from_section(cls, images: ImageSettings) -> ImageTransform:
         return cls(images.resolution, images.center_crop, images.random_flip, images.channels)
 
     @property
@@ -361,7 +387,7 @@ def _load_hf(source: str, split: str):
                         "reads only the local cache) and data.split") from exc
 
 
-def _hf_images(source: str, split: str, images: ImageSection, transform: ImageTransform, max_samples: int | None) -> ImageData:
+def _hf_images(source: str, split: str, images: ImageSettings, transform: ImageTransform, max_samples: int | None) -> ImageData:
     ds, what = _load_hf(source, split)
     _check_field(ds, source, images.image_field, "image", "data.images.image_field")
     if images.caption_field:
@@ -389,10 +415,11 @@ def _hf_images(source: str, split: str, images: ImageSection, transform: ImageTr
 # ----------------------------------------------------------------------------------------------- public API
 
 
-def load_images(source: str, split: str = "train", images: ImageSection | None = None,
+def load_images(source: str, split: str = "train", images: ImageSettings | None = None,
                 max_samples: int | None = None) -> ImageData:
-    """The recipe's image data (data.source, data.split, data.max_samples, data.images) as a torch dataset."""
-    images = images or ImageSection()
+    """The recipe's image data (data.source, data.split, data.max_samples, data.images) as a torch dataset.
+    `images` is read by attribute (see ImageSettings); None means ImageOptions' defaults."""
+    images = images or ImageOptions()
     transform = ImageTransform.from_section(images)
     if max_samples is not None and max_samples < 1:
         raise DataError(f"data.max_samples: got {max_samples}, expected at least 1 (or empty for all)")

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from hf_vram.atomic import atomic_write_json, fsync_tree
+from data_prep.atomic import atomic_write_json, fsync_tree
 
 # Bump when what is stored or how it is computed changes: every old cache key then misses.
 CACHE_FORMAT_VERSION = 1
@@ -88,7 +88,7 @@ def caches_text(parts) -> bool:
     return parts.conditioning == "text" and parts.text_encoder is not None and not parts.text_trainable
 
 
-def cache_key(recipe, parts) -> str:
+def latent_cache_key(recipe, parts) -> str:
     """A short hex digest of everything that changes the cached values."""
     data, d = recipe.data, recipe.diffusion
     images = data.images.model_dump() if data.images else {}
@@ -226,61 +226,88 @@ def _encode_latents(vae, pixels: torch.Tensor, device) -> torch.Tensor:
     return (latents * vae.config.scaling_factor).cpu()
 
 
-def _build(directory: Path, key: str, data, parts, device, batch_size: int, flip: bool,
-           show: Callable[[str], None]) -> None:
-    from safetensors.torch import save_file
+@dataclass
+class _Encoded:
+    """What one pass over the images gives: latents per batch (and of the mirror images), labels, captions."""
 
+    latents: list[torch.Tensor]
+    flipped: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    captions: list[str]
+
+
+def _encode_images(dataset, parts, device, batch_size: int, flip: bool, show: Callable[[str], None]) -> _Encoded:
     from data_prep.images import collate
 
-    dataset = data.dataset
-    text = caches_text(parts)
-    latents, flipped, labels, captions = [], [], [], []
+    out = _Encoded([], [], [], [])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
                                          num_workers=0)
     done, last = 0, time.time()
     with _without_flip(dataset):
         for batch in loader:
             px = batch["pixel_values"]
-            latents.append(_encode_latents(parts.vae, px, device))
+            out.latents.append(_encode_latents(parts.vae, px, device))
             if flip:
-                flipped.append(_encode_latents(parts.vae, torch.flip(px, dims=[3]), device))
+                out.flipped.append(_encode_latents(parts.vae, torch.flip(px, dims=[3]), device))
             if "label" in batch:
-                labels.append(batch["label"].long())
+                out.labels.append(batch["label"].long())
             if "caption" in batch:
-                captions.extend(batch["caption"])
+                out.captions.extend(batch["caption"])
             done += px.shape[0]
             if time.time() - last > 30:
                 show(f"latent cache: {done}/{len(dataset)} images encoded")
                 last = time.time()
-    tensors = {"latents": torch.cat(latents).contiguous()}
-    if flip:
-        tensors["latents_flipped"] = torch.cat(flipped).contiguous()
-    if labels:
-        tensors["labels"] = torch.cat(labels)
-    n = tensors["latents"].shape[0]
+    return out
+
+
+def _save_latents(directory: Path, encoded: _Encoded) -> int:
+    """Write latents.safetensors; returns the number of images."""
+    from safetensors.torch import save_file
+
+    tensors = {"latents": torch.cat(encoded.latents).contiguous()}
+    if encoded.flipped:
+        tensors["latents_flipped"] = torch.cat(encoded.flipped).contiguous()
+    if encoded.labels:
+        tensors["labels"] = torch.cat(encoded.labels)
     save_file(tensors, str(directory / LATENTS_FILE))
+    return tensors["latents"].shape[0]
+
+
+def _save_text(directory: Path, parts, captions: list[str], device, batch_size: int) -> int:
+    """Embed each distinct caption once (row 0 the empty caption) and write text.safetensors; returns the number
+    of distinct captions of the data."""
+    from safetensors.torch import save_file
+
+    rows: dict[str, int] = {"": 0}
+    index = [rows.setdefault(c, len(rows)) for c in captions]
+    distinct = list(rows)
+    embeds, masks = [], []
+    with torch.no_grad():
+        for i in range(0, len(distinct), batch_size):
+            emb, mask = parts.encode_text(distinct[i:i + batch_size], device)
+            embeds.append(emb.cpu())
+            if mask is not None:
+                masks.append(mask.cpu())
+    tensors = {"embeds": torch.cat(embeds).contiguous(), "caption_index": torch.tensor(index, dtype=torch.long)}
+    if masks:
+        tensors["mask"] = torch.cat(masks).contiguous()
+    save_file(tensors, str(directory / TEXT_FILE))
+    return len(distinct) - 1
+
+
+def _build(directory: Path, key: str, data, parts, device, batch_size: int, flip: bool,
+           show: Callable[[str], None]) -> None:
+    """Encode `data.dataset` into `directory`. `parts` is read by attribute: vae, conditioning, text_encoder,
+    text_trainable, and encode_text(captions, device) -> (embeds, mask or None) when captions are cached."""
+    text = caches_text(parts)
+    encoded = _encode_images(data.dataset, parts, device, batch_size, flip, show)
+    n = _save_latents(directory, encoded)
     meta: dict[str, Any] = {"key": key, "format_version": CACHE_FORMAT_VERSION, "images": n, "flipped": flip,
                             "text": text, "captions": False}
     if text:
-        from hf_vram.builders.diffusion import encode_text
-
-        rows: dict[str, int] = {"": 0}
-        index = [rows.setdefault(c, len(rows)) for c in captions]
-        distinct = list(rows)
-        embeds, masks = [], []
-        with torch.no_grad():
-            for i in range(0, len(distinct), batch_size):
-                emb, mask = encode_text(parts, distinct[i:i + batch_size], device)
-                embeds.append(emb.cpu())
-                if mask is not None:
-                    masks.append(mask.cpu())
-        tensors = {"embeds": torch.cat(embeds).contiguous(), "caption_index": torch.tensor(index, dtype=torch.long)}
-        if masks:
-            tensors["mask"] = torch.cat(masks).contiguous()
-        save_file(tensors, str(directory / TEXT_FILE))
-        meta["distinct_captions"] = len(distinct) - 1
+        meta["distinct_captions"] = _save_text(directory, parts, encoded.captions, device, batch_size)
     elif parts.conditioning == "text":
-        (directory / CAPTIONS_FILE).write_text(json.dumps(captions))
+        (directory / CAPTIONS_FILE).write_text(json.dumps(encoded.captions))
         meta["captions"] = True
     atomic_write_json(directory / META_FILE, meta)
 
@@ -291,7 +318,7 @@ def build_latent_cache(recipe, data, parts, device, root: Path, batch_size: int 
     (`data` from load_images, `parts` from build, with the VAE and a frozen text encoder on `device`)."""
     if parts.vae is None:
         raise ValueError("diffusion.cache_latents needs diffusion.vae (a pixel-space model has no latents to cache)")
-    key = cache_key(recipe, parts)
+    key = latent_cache_key(recipe, parts)
     directory = Path(root) / key
     cache = _load(directory, key)
     if cache is not None:

@@ -14,10 +14,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_prep.atomic import atomic_write_json
+from data_prep.errors import DataError
 from data_prep.formats import Pair, to_examples
 from data_prep.sources import read_records
 from data_prep.tokenize import IGNORE, tokenize_examples
-from hf_vram.atomic import atomic_write_json
 
 # Bump when tokenization or masking changes: old caches are then ignored.
 FORMAT_VERSION = 1
@@ -94,7 +95,7 @@ def preference_rows(pairs: list[Pair]) -> list[dict]:
 class Prepared:
     train: object  # datasets.Dataset
     eval: object | None
-    counts: dict  # split -> Counts as a dict
+    counts: dict  # split -> TokenCounts as a dict
     cache_dir: Path | None
 
 
@@ -124,8 +125,6 @@ def prepare_dataset(examples: Examples, tokenizer, data, cache_root: Path | None
         if rows:
             built[split] = datasets.Dataset.from_list(rows)
     if "train" not in built:
-        from hf_vram.errors import DataError
-
         raise DataError(f"{data.source}: no sample keeps a trained token (all {counts['train']['dropped']} dropped); "
                         "check data.max_length and data.train_on_prompt")
     if cache:

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.sources import LOADERS
-from hf_vram.atomic import atomic_write_json
-from hf_vram.errors import DataError
+from data_prep.atomic import atomic_write_json
+from data_prep.errors import DataError
+from data_prep.sources import LOADERS, json_problem, quiet_json_errors
 
 # Bump when the layout or the tokenization of the shards changes: every old cache key then misses.
 SHARD_FORMAT_VERSION = 1
@@ -85,6 +85,9 @@ def iter_documents(source: str, text_field: str = "text", split: str = "train", 
         )
     if path is not None and path.suffix == ".txt":
         return _whole_file(path)
+    if path is not None and path.stat().st_size == 0:
+        raise DataError(f"{source}: the file is empty, so it has no documents; put the training text in it, or point "
+                        "data.source at the file that has it")
     import datasets
 
     where = source if path is not None else (
@@ -98,7 +101,7 @@ def iter_documents(source: str, text_field: str = "text", split: str = "train", 
     except Exception as e:  # datasets raises many types: not found, offline, unknown split or config
         raise DataError(f"data.source: cannot load {where}: {type(e).__name__}: {e}; check data.source, "
                         "data.subset and data.split") from None
-    return _texts(stream, where, text_field)
+    return _texts(stream, where, text_field, path)
 
 
 def _whole_file(path: Path) -> Iterator[str]:
@@ -112,16 +115,19 @@ def _whole_file(path: Path) -> Iterator[str]:
     yield text
 
 
-def _texts(stream, where: str, text_field: str) -> Iterator[str]:
+def _texts(stream, where: str, text_field: str, path: Path | None = None) -> Iterator[str]:
     records = iter(stream)
     for index in itertools.count():
         # Only the read is guarded: a streamed file is parsed as it is read, so its errors arrive here.
         try:
-            record = next(records)
+            with quiet_json_errors():
+                record = next(records)
         except StopIteration:
             return
         except Exception as e:
-            raise DataError(f"{where}: cannot read record {index}: {type(e).__name__}: {e}") from None
+            # Arrow reads a file in blocks and names the row within one: the file's own lines say which is bad.
+            problem = json_problem(path, where) if path is not None and path.suffix in (".json", ".jsonl") else None
+            raise DataError(problem or f"{where}: cannot read record {index}: {type(e).__name__}: {e}") from None
         text = record.get(text_field)
         if text is None:
             # Arrow gives every record the columns of the whole file, so a field absent from one record reads
@@ -390,94 +396,141 @@ def prepare_shards(
                              chunk_documents, progress)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One preparation of shards: where they go and how documents are split and stored."""
+
+    directory: Path
+    key: str
+    source: str
+    single: bool
+    val_fraction: float
+    max_documents: int | None
+    vocab_size: int
+    dtype: np.dtype
+    eos: int | None
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        return {s: self.directory / f"{s}.bin" for s in SPLITS}
+
+    @property
+    def progress_path(self) -> Path:
+        return self.directory / "progress.json"
+
+
 def _write_shards(directory: Path, key: str, source: str, tokenizer, documents: Iterable[str], single: bool,
                   val_fraction: float, max_documents: int | None, chunk_documents: int, show: bool) -> ShardInfo:
-    from tqdm.auto import tqdm
-
     vocab_size = len(tokenizer)
-    dtype = token_dtype(vocab_size)
-    eos = tokenizer.eos_token_id
-    paths = {s: directory / f"{s}.bin" for s in SPLITS}
-    progress_path = directory / "progress.json"
+    run = _Run(directory, key, source, single, val_fraction, max_documents, vocab_size, token_dtype(vocab_size),
+               tokenizer.eos_token_id)
     (directory / "meta.json").unlink(missing_ok=True)  # stale: another format version, or files that do not match
-
-    state = _read_json(progress_path)
-    if _resumable(state, key, paths, dtype):
-        # A crash may have left part of a chunk after the last progress record: cut back to what it counts.
-        for s in SPLITS:
-            os.truncate(paths[s], state["tokens"][s] * dtype.itemsize)
-    else:
-        state = {"key": key, "format_version": SHARD_FORMAT_VERSION, "documents_done": 0,
-                 "tokens": dict.fromkeys(SPLITS, 0), "documents": dict.fromkeys(SPLITS, 0)}
-        for s in SPLITS:
-            paths[s].write_bytes(b"")
+    state = _start_state(run)
     done = state["documents_done"]
-
     stream = iter(documents)
     if max_documents is not None:
         stream = itertools.islice(stream, max_documents)
     # A stream cannot seek: the documents already written are read again and passed over.
     stream = itertools.islice(stream, done, None)
-    files = {s: open(paths[s], "ab") for s in SPLITS}
-    bar = tqdm(total=max_documents, initial=done, unit="doc", desc="tokenizing", disable=not show)
+    _tokenize_stream(run, tokenizer, stream, state, chunk_documents, show)
+    return _finish(run, state)
+
+
+def _start_state(run: _Run) -> dict:
+    """The progress record to continue from, the files cut back to what it counts; or a fresh one, files emptied."""
+    paths = run.paths
+    state = _read_json(run.progress_path)
+    if _resumable(state, run.key, paths, run.dtype):
+        # A crash may have left part of a chunk after the last progress record: cut back to what it counts.
+        for s in SPLITS:
+            os.truncate(paths[s], state["tokens"][s] * run.dtype.itemsize)
+        return state
+    state = {"key": run.key, "format_version": SHARD_FORMAT_VERSION, "documents_done": 0,
+             "tokens": dict.fromkeys(SPLITS, 0), "documents": dict.fromkeys(SPLITS, 0)}
+    for s in SPLITS:
+        paths[s].write_bytes(b"")
+    return state
+
+
+def _tokenize_stream(run: _Run, tokenizer, stream: Iterator[str], state: dict, chunk_documents: int,
+                     show: bool) -> None:
+    """Tokenize and append the stream chunk by chunk, recording progress after each whole chunk."""
+    from tqdm.auto import tqdm
+
+    files = {s: open(path, "ab") for s, path in run.paths.items()}
+    bar = tqdm(total=run.max_documents, initial=state["documents_done"], unit="doc", desc="tokenizing",
+               disable=not show)
     try:
-        index = done
+        index = state["documents_done"]
         while chunk := list(itertools.islice(stream, chunk_documents)):
-            if single and index + len(chunk) > 1:
-                raise ValueError(f"{source} is read as one document, but the documents given hold {index + len(chunk)}")
-            if single and not chunk[0]:
-                raise DataError(f"{source}: the file is empty; give a file with the training text in it")
+            if run.single and index + len(chunk) > 1:
+                raise ValueError(f"{run.source} is read as one document, but the documents given hold {index + len(chunk)}")
+            if run.single and not chunk[0]:
+                raise DataError(f"{run.source}: the file is empty; give a file with the training text in it")
             encoded = tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
-            out: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
-            for ids in encoded:
-                tail = [eos] if eos is not None else []
-                if single:
-                    # Cut on the document's own tokens: train then holds exactly nanoGPT's int(n * 0.9) first
-                    # tokens; val gets the rest and the EOS (nothing, when the rest is empty).
-                    cut = int(len(ids) * (1 - val_fraction))
-                    if cut < len(ids):
-                        out["train"].append(ids[:cut])
-                        out["val"].append(ids[cut:] + tail)
-                    else:
-                        out["train"].append(ids + tail)
-                else:
-                    out["val" if in_val(index, val_fraction) else "train"].append(ids + tail)
-                index += 1
-            for s in SPLITS:
-                flat = np.fromiter(itertools.chain.from_iterable(out[s]), dtype=np.int64)
-                if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
-                    raise ValueError(f"the tokenizer gave id {int(flat.max())} outside its {vocab_size} entries")
-                _fsync_append(files[s], flat.astype(dtype))
-                state["tokens"][s] += int(flat.size)
-                state["documents"][s] += len(out[s])
+            _append(run, files, _by_split(run, encoded, index), state)
+            index += len(encoded)
             state["documents_done"] = index
-            atomic_write_json(progress_path, state)
+            atomic_write_json(run.progress_path, state)
             bar.update(len(chunk))
     finally:
         bar.close()
         for f in files.values():
             f.close()
 
+
+def _by_split(run: _Run, encoded: list[list[int]], first: int) -> dict[str, list[list[int]]]:
+    """The token ids of documents first, first + 1, ... each followed by EOS, sorted into the splits."""
+    out: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+    tail = [run.eos] if run.eos is not None else []
+    for index, ids in enumerate(encoded, start=first):
+        if run.single:
+            # Cut on the document's own tokens: train then holds exactly nanoGPT's int(n * 0.9) first
+            # tokens; val gets the rest and the EOS (nothing, when the rest is empty).
+            cut = int(len(ids) * (1 - run.val_fraction))
+            if cut < len(ids):
+                out["train"].append(ids[:cut])
+                out["val"].append(ids[cut:] + tail)
+            else:
+                out["train"].append(ids + tail)
+        else:
+            out["val" if in_val(index, run.val_fraction) else "train"].append(ids + tail)
+    return out
+
+
+def _append(run: _Run, files: dict, out: dict[str, list[list[int]]], state: dict) -> None:
+    for s in SPLITS:
+        flat = np.fromiter(itertools.chain.from_iterable(out[s]), dtype=np.int64)
+        if flat.size and (flat.min() < 0 or flat.max() >= run.vocab_size):
+            raise ValueError(f"the tokenizer gave id {int(flat.max())} outside its {run.vocab_size} entries")
+        _fsync_append(files[s], flat.astype(run.dtype))
+        state["tokens"][s] += int(flat.size)
+        state["documents"][s] += len(out[s])
+
+
+def _finish(run: _Run, state: dict) -> ShardInfo:
+    """Check the files against the progress record, then write meta.json: the shards are complete."""
+    paths = run.paths
     if state["documents_done"] == 0:
-        raise DataError(f"{source}: no documents; check data.source, data.subset and data.split")
+        raise DataError(f"{run.source}: no documents; check data.source, data.subset and data.split")
     for s in SPLITS:  # what the progress record counts is what the files hold, or the run is not done
-        if paths[s].stat().st_size != state["tokens"][s] * dtype.itemsize:
+        if paths[s].stat().st_size != state["tokens"][s] * run.dtype.itemsize:
             raise RuntimeError(f"{paths[s]}: size does not match the {state['tokens'][s]} tokens written")
     meta = {
         "format_version": SHARD_FORMAT_VERSION,
-        "key": key,
-        "source": source,
-        "split_by": "position" if single else "document",
-        "val_fraction": val_fraction,
-        "max_documents": max_documents,
-        "dtype": dtype.name,
-        "vocab_size": vocab_size,
-        "eos_token_id": eos,
+        "key": run.key,
+        "source": run.source,
+        "split_by": "position" if run.single else "document",
+        "val_fraction": run.val_fraction,
+        "max_documents": run.max_documents,
+        "dtype": run.dtype.name,
+        "vocab_size": run.vocab_size,
+        "eos_token_id": run.eos,
         "tokens": state["tokens"],
         "documents": state["documents"],
         "documents_read": state["documents_done"],
         "sha256": {s: _sha256_file(paths[s]) for s in SPLITS},
     }
-    atomic_write_json(directory / "meta.json", meta)
-    progress_path.unlink(missing_ok=True)
-    return ShardInfo.load(directory)
+    atomic_write_json(run.directory / "meta.json", meta)
+    run.progress_path.unlink(missing_ok=True)
+    return ShardInfo.load(run.directory)

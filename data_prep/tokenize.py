@@ -16,7 +16,7 @@ IGNORE = -100
 
 
 @dataclass
-class Counts:
+class TokenCounts:
     samples: int = 0  # records read
     kept: int = 0  # samples left to train on
     truncated: int = 0  # samples cut at max_length
@@ -77,10 +77,10 @@ def tokenize_segments(segments: list[tuple[str, bool]], tokenizer, max_length: i
     return ids[:max_length], labels[:max_length], truncated
 
 
-def tokenize_examples(examples: list, tokenizer, data, source: str, indices: list[int] | None = None) -> tuple[list[dict], Counts]:
+def tokenize_examples(examples: list, tokenizer, data, source: str, indices: list[int] | None = None) -> tuple[list[dict], TokenCounts]:
     """Tokenized rows {input_ids, labels} of the examples that keep a trained token, and the counts. indices are
     the examples' record numbers in the source, for error messages."""
-    counts, rows = Counts(samples=len(examples)), []
+    counts, rows = TokenCounts(samples=len(examples)), []
     for i, turns in enumerate(examples):
         if isinstance(turns, Pair):
             raise TypeError("preference pairs are tokenized by the DPO trainer, not here")

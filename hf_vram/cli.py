@@ -29,25 +29,17 @@ def _cmd_recipes(args) -> int:
 def _validate_one(ref: str, overrides: list[str]) -> str:
     from hf_vram.recipe.accelerate_config import is_accelerate_config, validate_accelerate_config
     from hf_vram.recipe.load import load_recipe
+    from hf_vram.recipe.model_checks import check_against_model
+    from hf_vram.tasks import task_of
 
     if is_accelerate_config(ref):
         return validate_accelerate_config(ref)
     loaded = load_recipe(ref, overrides)
-    r = loaded.recipe
-    if r.task == "assemble":
-        return (f"ok: {loaded.path} (assemble: {len(r.moe.experts)} experts, top-{r.moe.experts_per_token}, router "
-                f"{r.moe.gate_mode}, on {r.model.name_or_path}; output {loaded.output_dir})")
-    if r.task == "diffusion":
-        d = r.diffusion
-        size = r.data.images.resolution if r.data.images else 64
-        return (f"ok: {loaded.path} (diffusion: {r.model.arch} from scratch, {d.conditioning} conditioning, "
-                f"{'latents of ' + d.vae if d.vae else 'pixel space'}; data {r.data.source} at {size}px; "
-                f"output {loaded.output_dir})")
-    kind = f"{r.adapter.type} adapter on {r.model.name_or_path}" if r.adapter.type != "none" else (
-        f"{r.model.arch} from scratch" if r.model.arch else f"full fine-tune of {r.model.name_or_path}"
-    )
-    quant = f", {r.quant.bits}-bit {r.quant.type} base" if r.quant.bits else ""
-    return f"ok: {loaded.path} ({r.task}: {kind}{quant}; data {r.data.source} as {r.data.format}; output {loaded.output_dir})"
+    task = task_of(loaded.recipe)
+    if task.language_model:
+        # Sizes the schema cannot judge alone: the LoRA rank and the sequence length against the model's config.
+        check_against_model(loaded)
+    return f"ok: {loaded.path} ({task.description(loaded)})"
 
 
 def _cmd_validate(args) -> int:
@@ -76,10 +68,10 @@ def _cmd_train(args) -> int:
 
     loaded = load_recipe(args.recipe, args.overrides)
     if args.nproc > 1 or args.accelerate_config:
-        from hf_vram.train.launch import launch
+        from hf_vram.runners.launch import launch
 
         return launch(loaded, args.recipe, args.overrides, args.nproc, args.accelerate_config)
-    from hf_vram.train.lm import train
+    from hf_vram.runners.run import train
 
     train(loaded)
     import torch.distributed as dist
@@ -98,10 +90,13 @@ def _cmd_prepare(args) -> int:
 
     from data_prep.prepare import format_sample
     from hf_vram.recipe.load import load_recipe
-    from hf_vram.train.lm import prepare_data, resolve_dependencies
+    from hf_vram.recipe.references import References
+    from hf_vram.runners.lm_data import prepare_data
+    from hf_vram.runners.run import train_dependencies
 
     loaded = load_recipe(args.recipe, args.overrides)
-    _, tokenizer_path = resolve_dependencies(loaded)
+    train_dependencies(loaded)
+    tokenizer_path = References.of(loaded).tokenizer
     if loaded.recipe.task == "pretrain":
         return _prepare_corpus(loaded, tokenizer_path, args.inspect)
     tokenizer, prepared, _ = prepare_data(loaded, tokenizer_path)
@@ -141,69 +136,74 @@ def _prepare_corpus(loaded, tokenizer_path, inspect: int) -> int:
 
 
 def _cmd_assemble(args) -> int:
-    from hf_vram.train.assemble import assemble_file
+    """A recipe with task assemble (trained like any other), or mergekit-moe's own YAML."""
+    import yaml
 
-    assemble_file(args.recipe, args.out, args.overrides)
+    from hf_vram.moe.assemble import assemble, read_mergekit_yaml
+    from hf_vram.recipe.load import find_recipe, load_recipe
+
+    found = find_recipe(args.recipe)
+    data = yaml.safe_load(Path(found).read_text(encoding="utf-8")) or {}
+    if isinstance(data, dict) and "base_model" in data and "experts" in data:
+        if args.overrides:
+            raise UserError(f"{found}: overrides apply to hf-vram recipes, not to a mergekit-moe file")
+        out = Path(args.out or f"outputs/{Path(found).stem}")
+        spec = read_mergekit_yaml(found)
+        assemble(spec, out)
+        print(f"[hf-vram] assembled {len(spec.experts)} experts into {out}", flush=True)
+        return 0
+    loaded = load_recipe(found, [*args.overrides, *([f"train.output_dir={args.out}"] if args.out else [])])
+    if loaded.recipe.task != "assemble":
+        raise UserError(f"{found}: task is {loaded.recipe.task}, not assemble; train it with `hf-vram train`")
+    from hf_vram.runners.run import train
+
+    train(loaded)
     return 0
 
 
 def _cmd_plan(args) -> int:
     from hf_vram.recipe.load import load_recipe
+    from hf_vram.tasks import task_of
     from hf_vram.vram.gpus import get_gpu
 
     gpu = get_gpu(args.gpu)
     loaded = load_recipe(args.recipe, args.overrides)
-    if loaded.recipe.task == "assemble":
-        print(f"{loaded.name}: task assemble trains nothing (the experts are copied into one model on the CPU); plan "
-              "the recipe that fine-tunes its output (model.name_or_path: recipe:NAME)")
+    planner = task_of(loaded.recipe).make_planner()
+    if planner is None:
+        print(f"{loaded.name}: task {loaded.recipe.task} trains nothing (the experts are copied into one model on the "
+              "CPU); plan the recipe that fine-tunes its output (model.name_or_path: recipe:NAME)")
         return 0
-    if loaded.recipe.task == "diffusion":
-        from hf_vram.vram.diffusion_plan import fit_diffusion, format_diffusion_plan, plan_diffusion
-
-        plan = plan_diffusion(loaded, gpu)
-        fmt, refit = format_diffusion_plan, lambda: fit_diffusion(loaded, gpu)
-        fix = "lower data.images.resolution, use a VAE's latents (diffusion.vae) or a smaller model"
-    else:
-        from hf_vram.vram.plan import fit_overrides, format_plan, plan_recipe, planning_inputs
-
-        inputs = planning_inputs(loaded)
-        plan = plan_recipe(loaded, gpu, inputs)
-        fmt, refit = format_plan, lambda: fit_overrides(loaded, gpu, inputs)
-        fix = "shorten data.max_length or try " + (
-            "a smaller model" if loaded.recipe.model.arch else "quantizing the base (quant.bits: 4)")
-    print(fmt(loaded, plan))
+    plan = planner.plan(loaded, gpu)
+    print(planner.format(loaded, plan))
     if args.longest:
-        if loaded.recipe.task == "diffusion":
-            print("--longest: a diffusion recipe has no sequence length (its size is data.images.resolution)")
-        else:
-            from hf_vram.vram.plan import format_longest
-
-            print(format_longest(loaded, gpu, inputs))
-    if args.fit:
-        changes, fitted = refit()
-        if fitted is None or not fitted.fits:
-            print(f"--fit: no micro-batch, checkpointing or optimizer setting fits {gpu.name}; {fix}")
-            return 1
-        if not changes:
-            print("--fit: the recipe fits as it is")
-        else:
-            print(f"--fit: {' '.join(changes)}")
-            print(fmt(load_recipe(args.recipe, [*args.overrides, *changes]), fitted))
+        print(planner.longest(loaded, gpu))
+    if args.fit and not _print_fit(planner, loaded, gpu, args):
+        return 1
     if args.measure:
-        if loaded.recipe.task == "diffusion":
-            print("--measure: a diffusion plan is already a measurement (of one step on fake tensors at full size)")
-        else:
-            from hf_vram.vram.compare import measure_and_compare
-
-            print(measure_and_compare(loaded))
+        print(planner.measure(loaded))
     return 0 if plan.fits or args.fit else 1
 
 
-def _cmd_table(args) -> int:
-    from pathlib import Path
+def _print_fit(planner, loaded, gpu, args) -> bool:
+    """`plan --fit`: the smallest change that fits and its plan; False when nothing fits."""
+    from hf_vram.recipe.load import load_recipe
 
+    changes, fitted = planner.fit(loaded, gpu)
+    if fitted is None or not fitted.fits:
+        print(f"--fit: no micro-batch, checkpointing or optimizer setting fits {gpu.name}; "
+              f"{planner.fix_hint(loaded.recipe)}")
+        return False
+    if not changes:
+        print("--fit: the recipe fits as it is")
+    else:
+        print(f"--fit: {' '.join(changes)}")
+        print(planner.format(load_recipe(args.recipe, [*args.overrides, *changes]), fitted))
+    return True
+
+
+def _cmd_table(args) -> int:
     from hf_vram.vram.gpus import get_gpu
-    from hf_vram.vram.plan import format_table, table_rows
+    from hf_vram.vram.table import format_table, table_rows
 
     gpu = get_gpu(args.gpu)
     md, csv_text = format_table(table_rows(gpu), gpu)
@@ -233,36 +233,43 @@ def _generate_images(out: Path, prompt: str) -> int:
     import torch
 
     from data_prep.images import save_grid
-    from hf_vram.builders.diffusion import load_pipeline
+    from hf_vram.builders.diffusion import load_diffusion_pipeline
 
-    pipe = load_pipeline(out)
+    pipe = load_diffusion_pipeline(out)
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    # The sampler settings the run drew its own sample grids with (the pipelines' defaults are ImageNet-sized).
-    kw = {}
-    if (out / "recipe.yaml").is_file():
-        import yaml
-
-        d = (yaml.safe_load((out / "recipe.yaml").read_text()) or {}).get("diffusion") or {}
-        kw = {"num_inference_steps": d.get("inference_steps", 50)}
-        if d.get("conditioning", "none") != "none":
-            kw["guidance_scale"] = d.get("guidance_scale", 3.0)
+    kw = {"generator": torch.Generator().manual_seed(0), **_sampler_settings(out, pipe)}
     if hasattr(pipe, "get_label_ids"):  # class-conditional: DiTPipeline, ClassConditionalPipeline
         try:
             ids = pipe.get_label_ids([prompt] * 4)
         except ValueError:
             raise UserError(f"{out}: '{prompt}' is not one of its classes: {', '.join(sorted(pipe.labels))}") from None
-        images = pipe(class_labels=ids, generator=generator, **kw).images
+        images = pipe(class_labels=ids, **kw).images
     elif hasattr(pipe, "tokenizer"):
-        if type(pipe).__name__ == "PixArtAlphaPipeline":  # its resolution bins exist only for 256 px and up
-            kw.update(use_resolution_binning=False, clean_caption=False,
-                      max_sequence_length=pipe.tokenizer.model_max_length)
-        images = pipe([prompt] * 4, generator=generator, **kw).images
+        images = pipe([prompt] * 4, **kw).images
     else:
-        images = pipe(batch_size=4, generator=generator, **kw).images
+        images = pipe(batch_size=4, **kw).images
     name = "".join(c if c.isalnum() else "-" for c in prompt)[:40] or "samples"
     print(save_grid(images, out / "generated" / f"{name}.png"))
     return 0
+
+
+def _sampler_settings(out: Path, pipe) -> dict:
+    """The sampler settings the run drew its own sample grids with (the pipelines' defaults are ImageNet-sized),
+    from the output's recipe.yaml, and what its architecture's pipeline needs (diffusion_archs.sampling_kwargs)."""
+    if not (out / "recipe.yaml").is_file():
+        return {}
+    import yaml
+
+    from hf_vram.builders.diffusion_archs import ARCHS, sampling_kwargs
+
+    saved = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    d, arch = saved.get("diffusion") or {}, (saved.get("model") or {}).get("arch")
+    kw = {"num_inference_steps": d.get("inference_steps", 50)}
+    if d.get("conditioning", "none") != "none":
+        kw["guidance_scale"] = d.get("guidance_scale", 3.0)
+    if arch in ARCHS and hasattr(pipe, "tokenizer"):
+        kw.update(sampling_kwargs(arch, pipe.tokenizer.model_max_length))
+    return kw
 
 
 def _cmd_push(args) -> int:
@@ -280,17 +287,41 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser that takes options and positionals in any order (argparse's intermixed parsing): in
+    `hf-vram plan demo --gpu rtx4070 train.micro_batch_size=2` the override after the option is an override too,
+    where plain parsing stops the positionals at the first option and calls the rest unrecognized. The top-level
+    parser stays plain: parse_intermixed_args refuses a parser with subcommands (their positional has nargs
+    PARSER), so each subcommand's parser intermixes its own arguments."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args's own two passes come back through here
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf-vram", description="Train and fine-tune models on one consumer GPU.")
-    sub = p.add_subparsers(dest="command", required=True)
-
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
     s = sub.add_parser("recipes", help="list the shipped recipes")
     s.set_defaults(func=_cmd_recipes)
-
     s = sub.add_parser("validate", help="check recipes (names, paths or folders) without building anything")
     s.add_argument("items", nargs="*", metavar="RECIPE|key=value")
     s.set_defaults(func=_cmd_validate)
+    _add_training_commands(sub)
+    _add_planning_commands(sub)
+    _add_output_commands(sub)
+    return p
 
+
+def _add_training_commands(sub) -> None:
+    """train and prepare: a recipe and its key.path=value overrides, in any order with the options."""
     s = sub.add_parser("train", help="train a recipe (resumes an existing output directory)")
     s.add_argument("recipe", help="a shipped recipe name or a path to a YAML recipe")
     s.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. train.lr=1e-4 train.max_steps=10")
@@ -304,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inspect", type=int, default=0, metavar="N", help="print N formatted samples, trained tokens marked")
     s.set_defaults(func=_cmd_prepare)
 
+
+def _add_planning_commands(sub) -> None:
     s = sub.add_parser("plan", help="predict peak VRAM and training time of a recipe on a card (no weights loaded)")
     s.add_argument("recipe", help="a shipped recipe name or a path to a YAML recipe")
     s.add_argument("overrides", nargs="*", metavar="key.path=value")
@@ -318,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--csv", help="also write the table as CSV to this file")
     s.set_defaults(func=_cmd_table)
 
+
+def _add_output_commands(sub) -> None:
+    """generate, merge, assemble and push: model directories read or written (assemble builds one from dense
+    checkpoints)."""
     s = sub.add_parser("generate", help="generate from an output directory through transformers.pipeline")
     s.add_argument("output_dir")
     s.add_argument("prompt")
@@ -347,7 +384,6 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--private", dest="private", action="store_true", default=None, help="create the repository private")
     vis.add_argument("--public", dest="private", action="store_false", help="create the repository public")
     s.set_defaults(func=_cmd_push)
-    return p
 
 
 def _quiet_known_noise() -> None:

@@ -22,6 +22,11 @@ def mixed_precision(choice: str) -> str:
     return "bf16" if cuda_bf16() else "fp16"
 
 
+def accelerate_mixed_precision(choice: str) -> str:
+    """train.precision as Accelerate's mixed_precision argument ("no" for fp32), by the same rule."""
+    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[mixed_precision(choice)]
+
+
 def torch_dtype(choice: str) -> torch.dtype:
     """auto -> bfloat16 / float16 / float32 by the same rule as mixed_precision."""
     if choice == "auto":

@@ -1,15 +1,13 @@
-"""Errors a user can fix. The CLI prints them without a traceback and exits with code 2."""
+"""Errors a user can fix. The CLI prints them without a traceback and exits with code 2.
+
+UserError, DataError and did_you_mean are defined in data_prep (which imports nothing from hf_vram) and are the
+same objects here, so `except UserError` catches data_prep's errors too."""
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable
+from data_prep.errors import DataError, UserError, did_you_mean
 
-
-class UserError(Exception):
-    """Bad input: a recipe, an override, a data file. The message says where and how to fix it."""
-
-    exit_code = 2
+__all__ = ["DataError", "RecipeError", "TrainingStopped", "UserError", "did_you_mean"]
 
 
 class RecipeError(UserError):
@@ -20,16 +18,6 @@ class RecipeError(UserError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"invalid recipe {source}:\n{lines}")
-
-
-class DataError(UserError):
-    """A data file or record that does not fit the declared format."""
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest choice, or ''."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class TrainingStopped(RuntimeError):

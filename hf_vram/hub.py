@@ -33,12 +33,12 @@ IGNORE_PATTERNS = [
     "merged/*",  # `hf-vram merge`'s default destination: a full model, pushed on its own if wanted
     "*.lock",
     "*.tmp",
-    "*.tmp-*",  # hf_vram.atomic's temporaries, left by a kill mid-write
+    "*.tmp-*",  # data_prep.atomic's temporaries, left by a kill mid-write
     "*/.*.tmp-*",
     ".*.tmp-*",
 ]
 
-# The usage snippet of the card written by hf_vram.card names the model in one line: model_id = "..."
+# The usage snippet of the card written by hf_vram/output/cards/ names the model in one line: model_id = "..."
 _USAGE_MODEL = re.compile(r'(^model_id = )"(?:[^"\\\n]|\\.)*"', re.MULTILINE)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -91,7 +91,7 @@ def _check_repo_id(repo_id: str) -> None:
 def _name_repo_in_card(out: Path, repo_id: str) -> None:
     """Point the card's usage line at the repository pushed to. The card is edited in place (not regenerated)
     so that edits made to it by hand are kept, and the local card names where the output now lives."""
-    from hf_vram.atomic import atomic_write_text
+    from data_prep.atomic import atomic_write_text
 
     card = out / "README.md"
     if not card.is_file():

@@ -76,7 +76,7 @@ def tiny_base(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from data_prep.builtin import BUILTIN_SOURCES
-    from hf_vram.builders.tokenizer import train_bpe
+    from data_prep.tokenizer import train_bpe
 
     path = tmp_path_factory.mktemp("tiny-base")
     texts = [r["text"] for r in BUILTIN_SOURCES["arithmetic"].records("text")[:500]]
@@ -96,7 +96,7 @@ def tiny_english_base(tmp_path_factory) -> Path:
     """A tiny Llama pretrained by hf-vram for a few hundred steps on real English (the C4 sample), with its own
     BPE vocabulary: a base whose representations an adapter can build on, unlike a random one."""
     from hf_vram.recipe.load import load_recipe
-    from hf_vram.train.lm import train
+    from hf_vram.runners.run import train
 
     folder = tmp_path_factory.mktemp("english-base")
     recipe = scratch_recipe(folder / "out", max_steps=200, micro_batch_size=16, lr=3e-3, logging_steps=50, save_steps=1000)
@@ -105,3 +105,75 @@ def tiny_english_base(tmp_path_factory) -> Path:
     recipe["data"] = {"source": str(SAMPLE_DATA / "c4_demo.jsonl"), "format": "text", "max_length": 128, "packing": True}
     train(load_recipe(str(write_recipe(folder, "english-base", recipe))))
     return folder / "out"
+
+
+# `make test-fast` (pytest -m unit): the pure unit tests, under a minute on two CPU cores. Marked here rather than in
+# the test files: whole modules (module -> the tests left out of it), and the quick tests of slower modules by name,
+# among them the guards of library behaviour that hf-vram works around.
+UNIT_MODULES: dict[str, set[str]] = {
+    "test_bitnet.py": set(),
+    "test_data_prep.py": set(),
+    "test_data_prep_standalone.py": set(),
+    "test_formats_and_masks.py": {"test_prepare_cli_inspects_masks_and_refuses_a_wrong_format"},
+    "test_images.py": set(),
+    "test_library_workarounds.py": set(),
+    "test_merge.py": set(),
+    "test_moe_assemble.py": set(),
+    "test_pretrain_shards.py": set(),
+    "test_recipe_errors.py": set(),
+    "test_recipes_validate.py": set(),
+    "test_retnet.py": set(),
+    "test_translation.py": set(),
+    "test_vram_measure.py": set(),
+}
+UNIT_TESTS: dict[str, set[str]] = {
+    "test_diffusion.py": {"test_recipe_errors_for_diffusion"},
+    "test_diffusion_recipes.py": {"test_every_shipped_diffusion_recipe_is_covered"},
+    "test_hub_push.py": {"test_model_card_names_hub_base_and_dataset"},
+    "test_long_context.py": {
+        "test_cpu_fused_head_equals_trls_kernel",
+        "test_liger_kernels_refused_where_they_cannot_run",
+        "test_peft_still_casts_unquantized_weights_to_fp32",
+        "test_tiled_mlp_backward_replays_forwards_dropout",
+        "test_tiled_mlp_recompute_is_not_offloaded",
+        "test_trl_still_looks_up_its_fused_kernel_at_call_time",
+    },
+    "test_plan_speed.py": {
+        "test_a_dense_config_reads_as_transformers_config_does",
+        "test_a_plan_from_a_dense_config_is_the_plan_from_transformers_config",
+        "test_dense_counts_by_hand_equal_the_meta_device_model",
+        "test_every_dense_config_family_is_counted_by_hand",
+        "test_huggingface_hub_still_retries_an_unreachable_hub",
+    },
+    "test_vram_compare.py": {"test_lora_on_mixture_of_experts_counts_peft_expert_adapters_and_merged_copies"},
+    "test_vram_plan.py": {
+        "test_activations_follow_batch_sequence_and_checkpointing",
+        "test_each_saving_lowers_the_peak_of_a_long_sequence",
+        "test_fit_makes_a_recipe_that_does_not_fit_fit",
+        "test_full_fine_tune_is_4_bytes_weights_4_gradients_8_adam",
+        "test_llama3_8b_trains_32k_tokens_on_a_12gb_card",
+        "test_longest_context_is_the_longest_length_that_fits",
+        "test_plan_of_a_7b_recipe_loads_no_weights_and_is_quick",
+        "test_qlora_weights_adapter_and_8bit_states_by_hand",
+        "test_training_refuses_a_recipe_predicted_not_to_fit_or_fits_it_with_auto_fit",
+        "test_unknown_gpu_is_a_user_error",
+    },
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    collected: dict[str, set[str]] = {}
+    for item in items:
+        module, name = item.path.name, getattr(item, "originalname", item.name)
+        collected.setdefault(module, set()).add(name)
+        left_out = UNIT_MODULES.get(module)
+        if (left_out is not None and name not in left_out) or name in UNIT_TESTS.get(module, ()):
+            item.add_marker(pytest.mark.unit)
+    # A renamed test must not drop out of the fast suite unnoticed: under -m unit, a name above that its collected
+    # module lacks is an error.
+    if "unit" in (config.getoption("markexpr") or ""):
+        stale = [f"{module}::{name}" for listed in (UNIT_MODULES, UNIT_TESTS) for module, names in listed.items()
+                 if module in collected for name in sorted(names - collected[module])]
+        if stale:
+            raise pytest.UsageError(f"tests/conftest.py names tests that do not exist (renamed?): {', '.join(stale)}")

@@ -57,116 +57,131 @@ class HubStub:
 
     # ------------------------------------------------------------------ HTTP
 
-    def _handler(self):
-        stub = self
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        """The request handler class of this stub's server: _Handler bound to this stub."""
+        return type("Handler", (_Handler,), {"stub": self})
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
 
-            def log_message(self, *args) -> None:  # keep test output clean
-                pass
+class _Handler(BaseHTTPRequestHandler):
+    """One request to a HubStub (`stub` is set on the subclass each stub makes)."""
 
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    data = b""
-                    while True:
-                        size = int(self.rfile.readline().strip(), 16)
-                        if size == 0:
-                            self.rfile.readline()
-                            return data
-                        data += self.rfile.read(size)
-                        self.rfile.readline()
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+    protocol_version = "HTTP/1.1"
+    stub: HubStub
 
-            def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
-                body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
 
-            def _record(self, method: str) -> bool:
-                """Record the request; False (and a 401 sent) when it carries no token."""
-                auth = self.headers.get("Authorization")
-                with stub.lock:
-                    stub.requests.append((method, self.path))
-                    stub.authorization.append(auth)
-                return auth is not None
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return self._chunked_body()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-            def do_GET(self) -> None:
-                self._record("GET")
-                # Repository info, refs, trees: nothing the push needs; 404 makes huggingface_hub go on.
-                self._send(404, {"error": "not found"}, {"X-Error-Code": "EntryNotFound"})
+    def _chunked_body(self) -> bytes:
+        data = b""
+        while True:
+            size = int(self.rfile.readline().strip(), 16)
+            if size == 0:
+                self.rfile.readline()
+                return data
+            data += self.rfile.read(size)
+            self.rfile.readline()
 
-            def do_HEAD(self) -> None:
-                self._record("HEAD")
-                self.send_response(404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+    def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
 
-            def do_POST(self) -> None:
-                authorized = self._record("POST")
-                body = self._body()
-                path = self.path.split("?", 1)[0]
-                if not authorized:
-                    self._send(401, {"error": "Invalid username or password."})
-                elif path == "/api/repos/create":
-                    self._create(json.loads(body))
-                elif path == "/api/validate-yaml":
-                    self._send(200, {"errors": [], "warnings": []})
-                elif m := _PREUPLOAD.match(path):
-                    files = json.loads(body)["files"]
-                    self._send(
-                        200,
-                        {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
-                    )
-                elif m := _COMMIT.match(path):
-                    self._commit(m.group(1), m.group(2), body)
-                else:
-                    self._send(404, {"error": f"no such endpoint {path}"})
+    def _record(self, method: str) -> bool:
+        """Record the request; False (and a 401 sent) when it carries no token."""
+        auth = self.headers.get("Authorization")
+        with self.stub.lock:
+            self.stub.requests.append((method, self.path))
+            self.stub.authorization.append(auth)
+        return auth is not None
 
-            def _create(self, payload: dict) -> None:
-                repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
-                body = {"url": f"{stub.url}/{repo_id}", "name": repo_id}
-                with stub.lock:
-                    if repo_id in stub.repos:
-                        self._send(409, {**body, "error": "You already created this model repo"})
-                        return
-                    private = payload.get("visibility") == "private"
-                    stub.repos[repo_id] = {"private": private}
-                    stub.created.append({"repo_id": repo_id, "private": private, "type": payload.get("type")})
-                self._send(200, body)
+    def do_GET(self) -> None:
+        self._record("GET")
+        # Repository info, refs, trees: nothing the push needs; 404 makes huggingface_hub go on.
+        self._send(404, {"error": "not found"}, {"X-Error-Code": "EntryNotFound"})
 
-            def _commit(self, repo_id: str, revision: str, body: bytes) -> None:
-                header, paths = {}, []
-                with stub.lock:
-                    if repo_id not in stub.repos:
-                        self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
-                        return
-                    store = stub.files.setdefault(repo_id, {})
-                    for line in body.splitlines():
-                        if not line.strip():
-                            continue
-                        item = json.loads(line)
-                        value = item["value"]
-                        if item["key"] == "header":
-                            header = value
-                        elif item["key"] == "file":
-                            assert value.get("encoding", "base64") == "base64", value
-                            store[value["path"]] = base64.b64decode(value["content"])
-                            paths.append(value["path"])
-                        elif item["key"] in ("deletedFile", "deletedFolder"):
-                            prefix = value["path"].rstrip("/")
-                            for p in [p for p in store if p == prefix or p.startswith(prefix + "/")]:
-                                del store[p]
-                        else:
-                            self._send(400, {"error": f"the stub takes regular files only, got {item['key']}"})
-                            return
-                    oid = f"{len(stub.commits) + 1:040x}"
-                    stub.commits.append({"repo_id": repo_id, "revision": revision, "summary": header.get("summary"), "paths": paths})
-                self._send(200, {"commitUrl": f"{stub.url}/{repo_id}/commit/{oid}", "commitOid": oid})
+    def do_HEAD(self) -> None:
+        self._record("HEAD")
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
-        return Handler
+    def do_POST(self) -> None:
+        authorized = self._record("POST")
+        body = self._body()
+        path = self.path.split("?", 1)[0]
+        if not authorized:
+            self._send(401, {"error": "Invalid username or password."})
+        elif path == "/api/repos/create":
+            self._create(json.loads(body))
+        elif path == "/api/validate-yaml":
+            self._send(200, {"errors": [], "warnings": []})
+        elif _PREUPLOAD.match(path):
+            files = json.loads(body)["files"]
+            self._send(
+                200,
+                {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+            )
+        elif m := _COMMIT.match(path):
+            self._commit(m.group(1), m.group(2), body)
+        else:
+            self._send(404, {"error": f"no such endpoint {path}"})
+
+    def _create(self, payload: dict) -> None:
+        stub = self.stub
+        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        body = {"url": f"{stub.url}/{repo_id}", "name": repo_id}
+        with stub.lock:
+            if repo_id in stub.repos:
+                self._send(409, {**body, "error": "You already created this model repo"})
+                return
+            private = payload.get("visibility") == "private"
+            stub.repos[repo_id] = {"private": private}
+            stub.created.append({"repo_id": repo_id, "private": private, "type": payload.get("type")})
+        self._send(200, body)
+
+    def _commit(self, repo_id: str, revision: str, body: bytes) -> None:
+        stub = self.stub
+        header, paths = {}, []
+        with stub.lock:
+            if repo_id not in stub.repos:
+                self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+                return
+            store = stub.files.setdefault(repo_id, {})
+            for line in body.splitlines():
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                if item["key"] == "header":
+                    header = item["value"]
+                elif not _apply_change(store, item, paths):
+                    self._send(400, {"error": f"the stub takes regular files only, got {item['key']}"})
+                    return
+            oid = f"{len(stub.commits) + 1:040x}"
+            stub.commits.append({"repo_id": repo_id, "revision": revision, "summary": header.get("summary"), "paths": paths})
+        self._send(200, {"commitUrl": f"{stub.url}/{repo_id}/commit/{oid}", "commitOid": oid})
+
+
+def _apply_change(store: dict[str, bytes], item: dict, paths: list[str]) -> bool:
+    """One file or deletion line of a commit applied to a repository's files; False for any other kind of line."""
+    value = item["value"]
+    if item["key"] == "file":
+        assert value.get("encoding", "base64") == "base64", value
+        store[value["path"]] = base64.b64decode(value["content"])
+        paths.append(value["path"])
+        return True
+    if item["key"] in ("deletedFile", "deletedFolder"):
+        prefix = value["path"].rstrip("/")
+        for p in [p for p in store if p == prefix or p.startswith(prefix + "/")]:
+            del store[p]
+        return True
+    return False

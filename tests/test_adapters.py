@@ -13,7 +13,7 @@ from transformers import pipeline
 
 from hf_vram.generate import load_pipeline
 from hf_vram.recipe.load import load_recipe
-from hf_vram.train.lm import fit, prepare
+from hf_vram.runners.run import finish, setup
 
 from .conftest import write_recipe
 
@@ -40,7 +40,7 @@ def test_adapter_kind_trains_and_loads_in_a_pipeline(name, tmp_path, tiny_base):
         "train": {"output_dir": str(out), "micro_batch_size": 8, "max_steps": 80 if adapter["type"] == "llama-adapter" else 30, "lr": lr, "warmup": 0,
                   "logging_steps": 1, "save_steps": 100, "report_to": []},
     }
-    run = prepare(load_recipe(str(write_recipe(tmp_path, name, recipe))))
+    run = setup(load_recipe(str(write_recipe(tmp_path, name, recipe))))
     model = run.model
     q_proj = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj" if adapter["type"] in ("lora", "dora", "rslora") else "")
     assert any(isinstance(m, linear) for m in model.modules())
@@ -59,7 +59,7 @@ def test_adapter_kind_trains_and_loads_in_a_pipeline(name, tmp_path, tiny_base):
     if adapter["type"] == "llama-adapter":
         assert len([n for n in trainable if "adaption_prompt" in n]) == 2  # both layers of the tiny model
 
-    summary = fit(run)
+    summary = finish(run)
 
     # A random base caps how far a small adapter moves the loss in 30 steps (see test_train_qlora.py); the fall
     # is still clear of noise (measured: 5.83 -> 4.96 for LoRA/DoRA/rsLoRA).

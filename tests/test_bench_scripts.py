@@ -76,7 +76,7 @@ def test_gpu_diffusion_check_dry_run(tmp_path):
 def test_bench_qlora_few_steps():
     """hf-vram's QLoRA path, the same with the full-logits loss, and plain trl, a few steps of each in turn."""
     out = run_script("bench/bench_qlora.py", "--steps", "3", "--warmup", "1", "--batch", "4", "--max-length", "128")
-    hf, full = r"hf-vram \(QLoRA, prepare/fit\)", r"hf-vram train.fused_loss=false"
+    hf, full = r"hf-vram \(QLoRA, setup/finish\)", r"hf-vram train.fused_loss=false"
     plain = r"plain trl SFTTrainer \(defaults\)"
     for side in (hf, full, plain):
         assert number(side, out) > 0  # tokens/s

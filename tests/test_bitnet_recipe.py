@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, pipeline
 from transformers.integrations.bitnet import AutoBitLinear, BitLinear
 
 from hf_vram.recipe.load import load_recipe
-from hf_vram.train.lm import fit, prepare
+from hf_vram.runners.run import finish, setup
 
 from .conftest import run_cli
 
@@ -30,12 +30,12 @@ def test_bitnet_tiny_recipe_trains_ternary_with_two_stage_schedule_and_exports_p
         "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2", "tokenizer.vocab_size=300",
         "data.max_samples=1000", "eval.sample_prompts=[]",
     ])
-    run = prepare(loaded)
+    run = setup(loaded)
     blocks = [m for m in run.model.modules() if isinstance(m, AutoBitLinear)]
     assert len(blocks) == 2 * 7 and not isinstance(run.model.lm_head, AutoBitLinear)
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
 
-    summary = fit(run)
+    summary = finish(run)
 
     assert summary["final_loss"] < 0.5 * summary["first_loss"], summary
     assert all(not torch.equal(before[n], p.detach()) for n, p in run.model.named_parameters())

@@ -10,7 +10,7 @@ import torch
 
 from hf_vram.errors import RecipeError
 from hf_vram.recipe.load import load_recipe
-from hf_vram.train.lm import train
+from hf_vram.runners.run import train
 
 from .conftest import write_recipe
 
@@ -77,9 +77,9 @@ def test_resume_continues_to_the_same_final_step(tmp_path):
     # First run: stop after a checkpoint (max_steps 10 with a checkpoint at 10 would be the end; use a shorter run
     # whose checkpoint survives, then re-run with the longer schedule on the same directory).
     path = write_recipe(tmp_path, "unet", unet_recipe(out, max_steps=20, save_steps=10))
-    from hf_vram.train import diffusion as runner
+    from hf_vram.runners import diffusion as runner
 
-    real_save = runner._save_checkpoint
+    real_save = runner.save_state_checkpoint
 
     class Stop(Exception):
         pass
@@ -88,12 +88,12 @@ def test_resume_continues_to_the_same_final_step(tmp_path):
         real_save(accelerator, out_dir, step, keep)
         raise Stop  # a kill right after the checkpoint at step 10
 
-    runner._save_checkpoint = save_then_stop
+    runner.save_state_checkpoint = save_then_stop
     try:
         with pytest.raises(Stop):
             train(load_recipe(str(path)))
     finally:
-        runner._save_checkpoint = real_save
+        runner.save_state_checkpoint = real_save
     assert (out / "checkpoint-10" / "hf_vram_complete.json").is_file()
     assert not (out / "train_summary.json").exists()
     summary = train(load_recipe(str(path)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_vram.recipe.load import load_recipe
-from hf_vram.vram.diffusion_plan import _Shapes, fit_diffusion, measure_step, plan_diffusion
+from hf_vram.vram.diffusion_plan import DiffusionShapes, fit_diffusion, measure_diffusion_step, plan_diffusion
 from hf_vram.vram.gpus import get_gpu
 
 from .conftest import run_cli, write_recipe
@@ -35,10 +35,10 @@ CASES = [("unet2d", "none", False, "fp32"), ("unet2d", "class", False, "fp32"), 
 @pytest.mark.parametrize("arch,conditioning,vae,precision", CASES)
 def test_fake_step_equals_the_real_step(tmp_path, arch, conditioning, vae, precision):
     """Shapes-only tensors give the same bytes as real ones, op for op (bf16: under CPU autocast, as on a GPU)."""
-    shapes = _Shapes(tiny(tmp_path, arch, conditioning, vae))
+    shapes = DiffusionShapes(tiny(tmp_path, arch, conditioning, vae))
     torch.manual_seed(0)
-    fake = measure_step(shapes, 8, False, precision, fake=True)
-    real = measure_step(shapes, 8, False, precision, fake=False)
+    fake = measure_diffusion_step(shapes, 8, False, precision, fake=True)
+    real = measure_diffusion_step(shapes, 8, False, precision, fake=False)
     for key in ("params", "trained", "weights", "grads", "optimizer", "flops"):
         assert fake[key] == real[key], (key, fake[key], real[key])
     # Attention may pick another CPU kernel on fake tensors (its saved statistics differ by a few KiB).
@@ -51,12 +51,12 @@ def test_fake_step_equals_the_real_step(tmp_path, arch, conditioning, vae, preci
 
 def test_checkpointing_and_batch_move_the_activations(tmp_path):
     loaded = tiny(tmp_path, "unet2d")
-    shapes = _Shapes(loaded)
-    small, big = measure_step(shapes, 8, False, "fp32"), measure_step(shapes, 32, False, "fp32")
+    shapes = DiffusionShapes(loaded)
+    small, big = measure_diffusion_step(shapes, 8, False, "fp32"), measure_diffusion_step(shapes, 32, False, "fp32")
     act = lambda m: m["forward_backward"] - m["weights"]  # noqa: E731
     assert 3.5 < act(big) / act(small) < 4.1  # activations grow with the batch (weights' grads do not)
     assert big["flops"] == 4 * small["flops"]
-    checkpointed = measure_step(shapes, 32, True, "fp32")
+    checkpointed = measure_diffusion_step(shapes, 32, True, "fp32")
     assert act(checkpointed) < act(big)
 
 

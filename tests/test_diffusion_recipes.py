@@ -16,7 +16,7 @@ import torch
 
 from hf_vram.builders.diffusion import pipeline_kwargs
 from hf_vram.recipe.load import load_recipe, shipped_recipes
-from hf_vram.train.lm import train
+from hf_vram.runners.run import train
 
 from .test_diffusion import TINY_DIT, TINY_PIXART, TINY_UNET, TINY_UNET_COND, losses, tiny_vae
 

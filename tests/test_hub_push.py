@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from hf_vram.card import model_card
+from hf_vram.output.cards.lm import lm_card
 from hf_vram.recipe.load import load_recipe
 
 from .conftest import run_cli, scratch_recipe, write_recipe
@@ -81,7 +81,7 @@ def scratch(hub, hf_home, tmp_path_factory):
 def adapter(tiny_base, tmp_path_factory) -> Path:
     """A tiny QLoRA adapter on a local base, scored before and after (so score_before.json exists); its recipe
     names no repository. Trained in this process: without hub.repo_id the run does not touch the Hub."""
-    from hf_vram.train.lm import train
+    from hf_vram.runners.run import train
 
     folder = tmp_path_factory.mktemp("qlora")
     out = folder / "out"
@@ -193,7 +193,7 @@ def test_push_without_a_token_says_how_to_log_in(hub, hf_home, adapter):
 
 def _card(tmp_path, recipe: dict, summary: dict) -> ModelCard:
     loaded = load_recipe(write_recipe(tmp_path, "hub-card", recipe))
-    return model_card(loaded, summary)
+    return ModelCard(lm_card(loaded, summary))
 
 
 def test_model_card_names_hub_base_and_dataset(tmp_path):
@@ -243,7 +243,7 @@ def diffusion_outputs(tmp_path_factory) -> dict[str, Path]:
     unconditional (a stock DDPMPipeline) and class-conditional (hf-vram's ClassConditionalPipeline, its code beside
     model_index.json), each with a checkpoint, sample grids and TensorBoard logs."""
     pytest.importorskip("sklearn")
-    from hf_vram.train.lm import train
+    from hf_vram.runners.run import train
 
     from .test_diffusion_recipes import tiny_diffusion
 

@@ -11,7 +11,7 @@ import torch
 
 from hf_vram.errors import RecipeError
 from hf_vram.recipe.load import load_recipe
-from hf_vram.train.lm import train
+from hf_vram.runners.run import train
 
 from .conftest import write_recipe
 from .test_diffusion import TINY_DIT, TINY_PIXART, losses, tiny_vae, unet_recipe
@@ -27,7 +27,7 @@ def frozen_parts(tmp_path_factory):
     from transformers import T5Config, T5EncoderModel
 
     from data_prep.images import load_images
-    from hf_vram.builders.tokenizer import train_bpe
+    from data_prep.tokenizer import train_bpe
 
     folder = tmp_path_factory.mktemp("frozen")
     data = load_images("builtin:digits", max_samples=200)
@@ -113,17 +113,17 @@ def test_training_from_the_cache_and_reusing_it(tmp_path, frozen_parts, capsys):
     from diffusers import DiffusionPipeline
 
     from hf_vram.builders.diffusion import pipeline_kwargs
-    from hf_vram.train import diffusion as runner
+    from hf_vram.runners import diffusion as runner
 
     out = tmp_path / "out"
     path = write_recipe(tmp_path, "pixart", pixart_recipe(out, frozen_parts))
     calls = []
-    real_encode = runner._encode
-    runner._encode = lambda *a: calls.append(1) or real_encode(*a)
+    real_encode = runner.encode_images
+    runner.encode_images = lambda *a: calls.append(1) or real_encode(*a)
     try:
         summary = train(load_recipe(str(path)))
     finally:
-        runner._encode = real_encode
+        runner.encode_images = real_encode
     assert summary["global_step"] == 20 and not calls  # no VAE call in the steps
     assert "latent cache built" in capsys.readouterr().out
     history = losses(out)

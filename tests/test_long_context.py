@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from hf_vram.recipe.load import load_recipe
-from hf_vram.train.lm import fit, prepare
+from hf_vram.runners.run import finish, setup
 from hf_vram.train.savings import full_logits_loss
 
 from .conftest import SAMPLE_DATA, write_recipe
@@ -23,7 +23,7 @@ RTOL = 1e-5
 
 
 def _run(tmp_path, name, recipe):
-    return prepare(load_recipe(str(write_recipe(tmp_path, name, recipe))))
+    return setup(load_recipe(str(write_recipe(tmp_path, name, recipe))))
 
 
 def _batch(run):
@@ -254,7 +254,7 @@ def test_tiled_mlp_backward_replays_forwards_dropout():
 
 
 def test_peft_still_casts_unquantized_weights_to_fp32(tiny_base):
-    """hf-vram undoes peft 0.21's cast of a 4-bit base's unquantized weights to fp32 (build/model.py's
+    """hf-vram undoes peft 0.21's cast of a 4-bit base's unquantized weights to fp32 (builders/model.py's
     cast_unquantized); this fails if peft stops casting, and the undoing can go."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -272,7 +272,7 @@ def _bf16_qlora(tmp_path, base, name, unquantized_dtype):
     recipe["quant"].update(compute_dtype="bfloat16", unquantized_dtype=unquantized_dtype)
     recipe["eval"] = {"score_samples": 0}
     run = _run(tmp_path, name, recipe)
-    return run, fit(run)
+    return run, finish(run)
 
 
 def test_unquantized_weights_in_bf16_train_as_fp32_ones(tmp_path, tiny_base):

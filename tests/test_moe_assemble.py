@@ -29,7 +29,7 @@ from transformers import (
     pipeline,
 )
 
-from hf_vram.builders.tokenizer import train_bpe
+from data_prep.tokenizer import train_bpe
 from hf_vram.errors import UserError
 from hf_vram.moe.assemble import AssembleSpec, ExpertSpec, assemble, read_mergekit_yaml
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig
 
 from hf_vram.recipe.load import load_recipe
-from hf_vram.train.lm import train
+from hf_vram.runners.run import train
 
 from .conftest import run_cli, scratch_recipe, write_recipe
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback, default_data_collator, pipeline
 
+from hf_vram.output.checkpoints import COMPLETE_MARKER, latest_complete
+from hf_vram.output.summary import SUMMARY
 from hf_vram.recipe.load import find_recipe, load_recipe
-from hf_vram.train.checkpoints import COMPLETE_MARKER, latest_complete
-from hf_vram.train.guard import expert_load
-from hf_vram.train.lm import SUMMARY, fit, prepare
+from hf_vram.runners.run import finish, setup
+from hf_vram.train.moe_router import expert_load
 
 from .conftest import SAMPLE_DATA
 
@@ -153,14 +154,14 @@ def tiny_pretrain(name: str, source, out, *, max_steps: int = 30, **extra):
 def test_tiny_variant_of_the_pretrain_recipe_learns_and_loads(name, corpus, tmp_path):
     out = tmp_path / "out"
     loaded = tiny_pretrain(name, corpus, out)
-    run = prepare(loaded)
+    run = setup(loaded)
     assert type(run.model).__name__ == TINY[name]["cls"]
     assert run.model.config.num_hidden_layers == 2
     if loaded.recipe.tokenizer.kind == "bpe":  # trained offline on the corpus, in place of the Hub's
         assert len(run.tokenizer) == run.model.config.vocab_size == 300
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
 
-    summary = fit(run)
+    summary = finish(run)
 
     held_before, held_after = summary["eval_before"]["eval_loss"], summary["eval_loss"]
     print(name, "train loss", summary["first_loss"], "->", summary["final_loss"], "held-out", held_before, "->", held_after)
@@ -198,7 +199,7 @@ def test_tiny_variant_of_the_pretrain_recipe_learns_and_loads(name, corpus, tmp_
 
 def test_moe_router_gets_gradients_and_the_loss_carries_the_aux_term(corpus, tmp_path):
     loaded = tiny_pretrain("moe-8x-small-scratch", corpus, tmp_path / "out")
-    run = prepare(loaded)
+    run = setup(loaded)
     model, config = run.model, run.model.config
     assert config.output_router_logits and config.num_local_experts == 8 and config.num_experts_per_tok == 2
     dataset = run.trainer.train_dataset
@@ -239,7 +240,7 @@ def _router_grad(corpus, out, micro: int, grad_accum: int, coef: float) -> torch
     loaded = tiny_pretrain("moe-8x-small-scratch", corpus, out, max_steps=1, **{
         "train.micro_batch_size": micro, "train.grad_accum": grad_accum, "model.config.router_aux_loss_coef": coef,
         "train.max_grad_norm": 0, "train.eval_steps": None, "data.val_size": 0.0})
-    run = prepare(loaded)
+    run = setup(loaded)
     grab = RouterGrad(run.model)
     run.trainer.add_callback(grab)
     run.trainer.train()
@@ -278,21 +279,21 @@ class StopAt(TrainerCallback):
 def test_pretrain_run_resumes_from_its_last_complete_checkpoint(corpus, tmp_path):
     steps = 20
     ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
-    reference = fit(prepare(tiny_pretrain("gpt2-124m-openwebtext", corpus, ref_out, max_steps=steps,
+    reference = finish(setup(tiny_pretrain("gpt2-124m-openwebtext", corpus, ref_out, max_steps=steps,
                                           **{"train.save_steps": 10})))
 
-    run = prepare(tiny_pretrain("gpt2-124m-openwebtext", corpus, cut_out, max_steps=steps, **{"train.save_steps": 10}))
+    run = setup(tiny_pretrain("gpt2-124m-openwebtext", corpus, cut_out, max_steps=steps, **{"train.save_steps": 10}))
     assert run.resume is None
     run.trainer.add_callback(StopAt(10))
-    fit(run)
+    finish(run)
     checkpoint = cut_out / "checkpoint-10"
     assert (checkpoint / COMPLETE_MARKER).is_file() and latest_complete(cut_out) == checkpoint
     # An interrupted run has no summary: that file is written last and marks a finished run.
     (cut_out / SUMMARY).unlink()
 
-    run = prepare(tiny_pretrain("gpt2-124m-openwebtext", corpus, cut_out, max_steps=steps, **{"train.save_steps": 10}))
+    run = setup(tiny_pretrain("gpt2-124m-openwebtext", corpus, cut_out, max_steps=steps, **{"train.save_steps": 10}))
     assert run.resume == checkpoint
-    summary = fit(run)
+    summary = finish(run)
     assert summary["resumed_from"] == str(checkpoint)
     assert summary["global_step"] == reference["global_step"] == steps
     assert run.trainer.state.global_step == steps
@@ -328,13 +329,13 @@ def test_shakespeare_char_matches_nanogpt_split_and_learns(tmp_path):
         "eval.max_new_tokens": 32,
     }
     loaded = load_recipe(str(find_recipe("nanogpt-shakespeare-char")), [f"{k}={_value(v)}" for k, v in overrides.items()])
-    run = prepare(loaded)
+    run = setup(loaded)
     # nanoGPT's data/shakespeare_char/prepare.py: "train has 1,003,854 tokens", "val has 111,540 tokens"; the
     # val shard also ends with the document's EOS.
     assert run.summary["data"]["tokens"] == {"train": 1_003_854, "val": 111_541}
     assert len(run.tokenizer) == 65 + 4
 
-    summary = fit(run)
+    summary = finish(run)
 
     print("shakespeare held-out loss", summary["eval_before"]["eval_loss"], "->", summary["eval_loss"])
     assert summary["eval_before"]["eval_loss"] > 4.0  # ln(69) = 4.23: the untrained model guesses

@@ -26,7 +26,7 @@ from data_prep.shards import (
     shard_key,
     token_dtype,
 )
-from hf_vram.builders.tokenizer import SPECIALS, train_bpe, train_char
+from data_prep.tokenizer import SPECIALS, train_bpe, train_char
 from hf_vram.errors import DataError, UserError
 
 from .conftest import SAMPLE_DATA

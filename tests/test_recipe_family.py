@@ -10,7 +10,7 @@ import pytest
 
 from hf_vram.generate import pipeline_generate
 from hf_vram.recipe.load import find_recipe, load_recipe
-from hf_vram.train.lm import fit, prepare, train
+from hf_vram.runners.run import finish, setup, train
 
 from .conftest import SAMPLE_DATA
 
@@ -85,8 +85,8 @@ def test_tiny_variant_of_the_recipe_trains_and_loads(name, tiny_english_base, sa
         shipped.quant, shipped.adapter, shipped.data.format, shipped.data.chat_template, shipped.data.template
     )
 
-    run = prepare(loaded)
-    summary = fit(run)
+    run = setup(loaded)
+    summary = finish(run)
 
     # A random base on real English moves slowly under an adapter: single-batch losses are noisy, so the first
     # and last five steps are compared, and the held-out loss before and after training.
@@ -115,8 +115,8 @@ def test_dpo_recipe_widens_the_reward_margin(tiny_english_base, samples, tmp_pat
         "mistral7b-qlora-dpo", tiny_english_base, samples["preference"], tmp_path / "out",
         **{"data.max_samples": 40, "data.val_size": 0.2, "data.max_length": 192, "train.max_steps": 16, "train.lr": 2e-3},
     )
-    run = prepare(loaded)
-    summary = fit(run)
+    run = setup(loaded)
+    summary = finish(run)
     log = [e for e in run.trainer.state.log_history if "rewards/margins" in e]
     margins = [e["rewards/margins"] for e in log]
     accuracies = [e["rewards/accuracies"] for e in log]
@@ -206,13 +206,13 @@ def test_a_chat_recipe_trains_with_the_models_own_template(tiny_instruct_base, s
 
     loaded = tiny_variant("qwen2.5-7b-qlora-chat", tiny_instruct_base, samples["messages"], tmp_path / "out",
                           **{"train.eval_steps": 12})
-    run = prepare(loaded)
+    run = setup(loaded)
     im_end = run.tokenizer.convert_tokens_to_ids("<|im_end|>")
     row = run.trainer.train_dataset[0]
     trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
     assert trained.count(im_end) >= 1 and run.tokenizer.decode(row["input_ids"][:12]).startswith("<|im_start|>system\nYou are")
     assert len(run.tokenizer) == len(AutoTokenizer.from_pretrained(tiny_instruct_base))  # no tokens added
-    summary = fit(run)
+    summary = finish(run)
     assert summary["eval_loss"] < summary["eval_before"]["eval_loss"]
     # Held-out loss and perplexity during training too, every train.eval_steps (12, 24, 36, 48).
     evals = [(e["step"], e["eval_loss"]) for e in run.trainer.state.log_history if "eval_loss" in e]

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from hf_vram.train.checkpoints import COMPLETE_MARKER, checkpoints, latest_complete
+from hf_vram.output.checkpoints import COMPLETE_MARKER, checkpoints, latest_complete
 
 from .conftest import ROOT, run_cli, scratch_recipe, write_recipe
 

@@ -241,7 +241,7 @@ def test_save_and_auto_from_pretrained_round_trip(tmp_path):
 
 
 def test_text_generation_pipeline_from_saved_dir(tmp_path):
-    from hf_vram.builders.tokenizer import train_bpe
+    from data_prep.tokenizer import train_bpe
 
     sentences = [
         "the cat sat on the mat.",

@@ -12,7 +12,7 @@ from transformers import pipeline
 from hf_vram.cli import main
 from hf_vram.generate import greedy_generate
 from hf_vram.recipe.load import load_recipe
-from hf_vram.train.lm import fit, prepare, train
+from hf_vram.runners.run import finish, setup, train
 
 from .conftest import write_recipe
 
@@ -45,7 +45,7 @@ def qlora_recipe(base, out, **train):
 
 def test_qlora_run_trains_adapter_on_4bit_base(tmp_path, tiny_base, capsys):
     out = tmp_path / "out"
-    run = prepare(load_recipe(str(write_recipe(tmp_path, "qlora", qlora_recipe(tiny_base, out)))))
+    run = setup(load_recipe(str(write_recipe(tmp_path, "qlora", qlora_recipe(tiny_base, out)))))
     model = run.model
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 2 * 7  # q k v o gate up down in each of the 2 layers
@@ -57,7 +57,7 @@ def test_qlora_run_trains_adapter_on_4bit_base(tmp_path, tiny_base, capsys):
     probe = run.tokenizer(["What is 2 + 3?"], return_tensors="pt").input_ids
     base_logits = _base_logits(model, probe)
 
-    summary = fit(run)
+    summary = finish(run)
 
     # A random base caps how far a rank-8 adapter can move its logits in 25 steps; the fall is still clear.
     assert summary["final_loss"] < 0.9 * summary["first_loss"], summary
@@ -87,7 +87,7 @@ def test_inference_before_training_leaves_4bit_gradients_intact(tmp_path, tiny_b
     """Scoring before training (generate in eval mode) must not change the gradients of the next step:
     bitsandbytes' CPU inference repacking did (on CPUs with AVX512-BF16, where it is enabled), until hf-vram
     switched it off for models it trains."""
-    run = prepare(load_recipe(str(write_recipe(tmp_path, "qlora", qlora_recipe(tiny_base, tmp_path / "out")))))
+    run = setup(load_recipe(str(write_recipe(tmp_path, "qlora", qlora_recipe(tiny_base, tmp_path / "out")))))
     model = run.model
     assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     batch = run.tokenizer(["What is 2 + 3? The answer is 5."], return_tensors="pt")

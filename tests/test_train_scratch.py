@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, pipeline
 
 from hf_vram.recipe.load import load_recipe
-from hf_vram.train.lm import fit, prepare
+from hf_vram.runners.run import finish, setup
 
 from .conftest import scratch_recipe, write_recipe
 
@@ -16,11 +16,11 @@ from .conftest import scratch_recipe, write_recipe
 def test_scratch_run_learns_and_loads_with_pipeline(tmp_path):
     out = tmp_path / "out"
     loaded = load_recipe(str(write_recipe(tmp_path, "scratch", scratch_recipe(out, max_steps=30, report_to=["tensorboard"]))))
-    run = prepare(loaded)
+    run = setup(loaded)
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     assert run.summary["trainable_params"] == run.summary["total_params"] > 0
 
-    summary = fit(run)
+    summary = finish(run)
 
     assert summary["final_loss"] < 0.6 * summary["first_loss"], summary
     changed = [n for n, p in run.model.named_parameters() if not torch.equal(before[n], p.detach())]

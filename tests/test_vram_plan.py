@@ -14,7 +14,8 @@ from hf_vram.recipe.schema import Recipe
 from hf_vram.vram.counts import count_parameters
 from hf_vram.vram.estimate import GiB, estimate
 from hf_vram.vram.gpus import get_gpu
-from hf_vram.vram.plan import fit_overrides, plan_recipe, table_rows
+from hf_vram.vram.plan import fit_overrides, plan_recipe
+from hf_vram.vram.table import table_rows
 
 from .conftest import TINY_LLAMA, run_cli
 
@@ -128,7 +129,7 @@ def test_unknown_gpu_is_a_user_error():
 
 
 def test_training_refuses_a_recipe_predicted_not_to_fit_or_fits_it_with_auto_fit():
-    from hf_vram.vram.plan import preflight
+    from hf_vram.vram.preflight import preflight
 
     too_big = ["train.micro_batch_size=16", "train.grad_accum=1", "train.gradient_checkpointing=false", "train.optimizer=adamw_torch"]
     loaded = load_recipe(str(find_recipe("llama7b-qlora-alpaca")), too_big)

@@ -1,7 +1,7 @@
 """Recipe -> diffusers objects: the denoising model, the frozen VAE, the noise schedulers, and the pipeline class the
 output is saved as (so that `DiffusionPipeline.from_pretrained(OUTPUT_DIR)` loads it).
 
-Architectures (model.arch):
+Architectures (model.arch; their table is diffusion_archs.py):
   unet2d            UNet2DModel in pixel space (or a VAE's latents): unconditional -> DDPMPipeline;
                     class-conditional -> ClassConditionalPipeline (hf_vram/pipelines/pixel_pipelines.py)
   dit               DiTTransformer2DModel, class-conditional, in a VAE's latent space -> DiTPipeline
@@ -15,7 +15,7 @@ custom pipelines on the Hub are): `DiffusionPipeline.from_pretrained(OUTPUT_DIR,
 Text encoders. diffusion.text_encoder names a frozen pretrained one (CLIPTextModel for unet2d-condition,
 T5EncoderModel for pixart) with its own tokenizer. Empty = a small encoder of the same family built from a config
 and trained with the model: TEXT_LAYERS layers of width model.config.cross_attention_dim (unet2d-condition) or
-model.config.caption_channels (pixart) (defaults in SCRATCH_TEXT_DIM), heads of 64, and a byte-level BPE
+model.config.caption_channels (pixart) (default SCRATCH_TEXT_DIM), heads of 64, and a byte-level BPE
 tokenizer trained offline on the dataset's captions (an EOS token appended to every caption, so an empty caption
 is never an all-padding sequence). Every caption is padded to diffusion.max_caption_length tokens.
 
@@ -26,9 +26,6 @@ autoencoder is an identity. Rather than save a fake VAE, an arch whose stock pip
 latent space; the saved pipeline holds that VAE and is complete. Latents are the posterior mean (`mode()`), as in
 trainers that cache latents. The CPU tests name a small AutoencoderKL built from a config (random, frozen): the
 pipeline loads and runs; its decoded pictures are only as good as that VAE.
-
-DiTPipeline hardcodes the null class of classifier-free guidance as id 1000, so a DiT's label table always has
-1000 classes (+ the null row): a dataset's classes use the first rows; the rest are never trained.
 """
 
 from __future__ import annotations
@@ -38,49 +35,27 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hf_vram.builders.diffusion_archs import ARCHS, CUSTOM_PIPELINE_MODULE, CUSTOM_PIPELINES, sampling_kwargs
 from hf_vram.errors import UserError
 
-ARCHS = {
-    "unet2d": "UNet2DModel",
-    "dit": "DiTTransformer2DModel",
-    "unet2d-condition": "UNet2DConditionModel",
-    "pixart": "PixArtTransformer2DModel",
-}
-# Archs the schema knows of but this version does not build yet.
-PLANNED_ARCHS: dict[str, str] = {}
-ALL_ARCHS = {**ARCHS, **PLANNED_ARCHS}
-# Archs whose pipelines always decode with a VAE (diffusion.vae is required).
-VAE_ARCHS = ("dit", "pixart")
-# The file (copied into outputs that need it) holding the pipelines diffusers does not ship.
-CUSTOM_PIPELINE_MODULE = "pixel_pipelines"
-TEXT_ARCHS = ("unet2d-condition", "pixart")
-# The model.config key that receives the text encoder's width.
-TEXT_DIM_KEY = {"unet2d-condition": "cross_attention_dim", "pixart": "caption_channels"}
-# Width of a text encoder trained from scratch when model.config does not set TEXT_DIM_KEY.
-SCRATCH_TEXT_DIM = {"unet2d-condition": 256, "pixart": 256}
+# Width of a text encoder trained from scratch when model.config does not set the arch's text_dim_key.
+SCRATCH_TEXT_DIM = 256
 TEXT_LAYERS = 4
-DIT_NULL_CLASS = 1000
-# Keys of model.config that hf-vram sets from the data and the VAE.
-DERIVED_KEYS = {"in_channels", "out_channels", "sample_size", "num_embeds_ada_norm", "num_class_embeds"}
 
 
 def pipeline_name(arch: str, conditioning: str, vae: bool) -> str:
     """The class the output is saved as."""
-    if arch == "unet2d":
-        return "ClassConditionalPipeline" if conditioning == "class" else "DDPMPipeline"
-    if arch == "unet2d-condition":
-        return "StableDiffusionPipeline" if vae else "PixelTextToImagePipeline"
-    return {"dit": "DiTPipeline", "pixart": "PixArtAlphaPipeline"}[arch]
+    return ARCHS[arch].pipeline_name(conditioning, vae)
 
 
 def is_custom_pipeline(name: str) -> bool:
-    return name in ("ClassConditionalPipeline", "PixelTextToImagePipeline")
+    return name in CUSTOM_PIPELINES
 
 
 def model_class(arch: str):
     import diffusers
 
-    return getattr(diffusers, ALL_ARCHS[arch])
+    return getattr(diffusers, ARCHS[arch].model_class)
 
 
 def config_keys(arch: str) -> set[str]:
@@ -112,36 +87,36 @@ class DiffusionParts:
         UNet's last row."""
         if self.conditioning != "class":
             return None
-        return DIT_NULL_CLASS if self.arch == "dit" else self.num_classes
+        return ARCHS[self.arch].fixed_null_class or self.num_classes
 
     @property
     def pipeline_name(self) -> str:
         return pipeline_name(self.arch, self.conditioning, self.vae is not None)
 
+    def encode_text(self, captions: list[str], device):
+        """Caption embeddings (B, L, D) and attention mask (B, L) or None; see encode_text."""
+        return encode_text(self, captions, device)
+
 
 def _check_arch(arch: str) -> None:
-    if arch in PLANNED_ARCHS:  # pragma: no cover (none at present)
-        raise UserError(f"model.arch: {arch} ({PLANNED_ARCHS[arch]}) is not built by this version of hf-vram yet; "
-                        f"use one of {', '.join(ARCHS)}")
     if arch not in ARCHS:
-        raise UserError(f"model.arch: unknown diffusion architecture '{arch}'; one of {', '.join(ALL_ARCHS)}")
+        raise UserError(f"model.arch: unknown diffusion architecture '{arch}'; one of {', '.join(ARCHS)}")
 
 
 def model_config(recipe, latent_channels: int, latent_size: int, text_dim: int | None = None,
                  num_classes: int | None = None) -> dict:
     """model.config with the keys that follow from the data, the VAE and the text encoder filled in (a conflicting
     value is an error)."""
-    arch = recipe.model.arch
+    a = ARCHS[recipe.model.arch]
     derived = {"in_channels": latent_channels, "out_channels": latent_channels, "sample_size": latent_size}
-    if arch == "dit":
-        derived["num_embeds_ada_norm"] = DIT_NULL_CLASS
-    if arch == "unet2d" and recipe.diffusion.conditioning == "class":
+    if "num_embeds_ada_norm" in a.derived_keys:
+        derived["num_embeds_ada_norm"] = a.fixed_null_class
+    if "num_class_embeds" in a.derived_keys and recipe.diffusion.conditioning == "class":
         # One row per class plus the null class of classifier-free guidance.
         derived["num_class_embeds"] = (num_classes or recipe.diffusion.num_classes or 10) + 1
-    if arch in TEXT_ARCHS:
-        derived[TEXT_DIM_KEY[arch]] = text_dim or scratch_text_dim(recipe)
-    if arch == "pixart" and "cross_attention_dim" not in recipe.model.config:
-        # PixArt projects the captions to its own width: its cross-attention reads that width.
+    if a.text_dim_key:
+        derived[a.text_dim_key] = text_dim or scratch_text_dim(recipe)
+    if a.projects_captions and "cross_attention_dim" not in recipe.model.config:
         c = recipe.model.config
         derived["cross_attention_dim"] = c.get("num_attention_heads", 16) * c.get("attention_head_dim", 72)
     config = dict(recipe.model.config)
@@ -164,8 +139,7 @@ def load_vae(recipe):
 
 
 def scratch_text_dim(recipe) -> int:
-    arch = recipe.model.arch
-    return recipe.model.config.get(TEXT_DIM_KEY[arch]) or SCRATCH_TEXT_DIM[arch]
+    return recipe.model.config.get(ARCHS[recipe.model.arch].text_dim_key) or SCRATCH_TEXT_DIM
 
 
 def _add_eos(tok) -> None:
@@ -179,19 +153,19 @@ def _add_eos(tok) -> None:
 def load_text_encoder(recipe, captions=()):
     """(text encoder, tokenizer, trainable): the named frozen encoder, or a small one from a config (trainable)
     with a BPE tokenizer trained on `captions`."""
-    arch, d = recipe.model.arch, recipe.diffusion
+    d = recipe.diffusion
     if d.text_encoder:
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+        import transformers
+        from transformers import AutoTokenizer
 
-        cls = CLIPTextModel if arch == "unet2d-condition" else T5EncoderModel
-        encoder = cls.from_pretrained(d.text_encoder)
+        encoder = getattr(transformers, ARCHS[recipe.model.arch].text_encoder).from_pretrained(d.text_encoder)
         tok = AutoTokenizer.from_pretrained(d.text_encoder)
         tok.model_max_length = d.max_caption_length
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         encoder.requires_grad_(False)
         return encoder.eval(), tok, False
-    from hf_vram.builders.tokenizer import train_bpe
+    from data_prep.tokenizer import train_bpe
 
     captions = [c for c in captions if c]
     if not captions:
@@ -205,23 +179,32 @@ def load_text_encoder(recipe, captions=()):
 
 def scratch_text_encoder(recipe, vocab_size: int, pad_id: int = 0, bos_id: int | None = None, eos_id: int | None = None):
     """A small text encoder (random weights) of the arch's family: CLIP for unet2d-condition, T5 for pixart."""
-    arch, d = recipe.model.arch, recipe.diffusion
     dim = scratch_text_dim(recipe)
-    heads = max(1, dim // 64)
-    if arch == "unet2d-condition":
-        from transformers import CLIPTextConfig, CLIPTextModel
+    build = _SCRATCH_ENCODERS[ARCHS[recipe.model.arch].text_encoder]
+    return build(vocab_size, dim, max(1, dim // 64), recipe.diffusion.max_caption_length, pad_id, bos_id, eos_id)
 
-        config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=dim, intermediate_size=4 * dim,
-                                num_hidden_layers=TEXT_LAYERS, num_attention_heads=heads,
-                                max_position_embeddings=d.max_caption_length, pad_token_id=pad_id,
-                                bos_token_id=bos_id, eos_token_id=eos_id)
-        return CLIPTextModel(config)
+
+def _scratch_clip(vocab_size, dim, heads, max_length, pad_id, bos_id, eos_id):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=dim, intermediate_size=4 * dim,
+                            num_hidden_layers=TEXT_LAYERS, num_attention_heads=heads,
+                            max_position_embeddings=max_length, pad_token_id=pad_id,
+                            bos_token_id=bos_id, eos_token_id=eos_id)
+    return CLIPTextModel(config)
+
+
+def _scratch_t5(vocab_size, dim, heads, max_length, pad_id, bos_id, eos_id):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(vocab_size=vocab_size, d_model=dim, d_kv=64 if dim >= 64 else dim, d_ff=4 * dim,
                       num_layers=TEXT_LAYERS, num_heads=heads, feed_forward_proj="gated-gelu",
                       pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id)
     return T5EncoderModel(config)
+
+
+# By the arch's text_encoder class (diffusion_archs.py).
+_SCRATCH_ENCODERS = {"CLIPTextModel": _scratch_clip, "T5EncoderModel": _scratch_t5}
 
 
 def text_dim_of(encoder) -> int:
@@ -233,7 +216,7 @@ def encode_text(parts: DiffusionParts, captions: list[str], device):
     tok = parts.tokenizer(captions, padding="max_length", max_length=parts.max_caption_length, truncation=True,
                           return_tensors="pt")
     ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
-    if parts.arch == "pixart":
+    if ARCHS[parts.arch].masked_captions:
         # As PixArtAlphaPipeline: T5 sees the mask, and so does the transformer's cross-attention.
         return parts.text_encoder(ids, attention_mask=mask)[0], mask
     # As StableDiffusionPipeline: CLIP without a mask, the UNet attends to every position (padding included).
@@ -254,14 +237,14 @@ def schedulers(recipe):
 
 
 def build(recipe, channels: int, resolution: int, num_classes: int | None = None, class_names=(),
-          vae=None, captions=()) -> DiffusionParts:
+          captions=()) -> DiffusionParts:
     """The model (random weights), schedulers and VAE of a recipe, for images of `channels` x `resolution`^2."""
     arch = recipe.model.arch
     _check_arch(arch)
-    if arch == "dit" and num_classes is not None and num_classes > DIT_NULL_CLASS:
-        raise UserError(f"diffusion.num_classes: DiT's pipeline supports up to {DIT_NULL_CLASS} classes")
-    if vae is None:
-        vae = load_vae(recipe)
+    null_class = ARCHS[arch].fixed_null_class
+    if null_class is not None and num_classes is not None and num_classes > null_class:
+        raise UserError(f"diffusion.num_classes: the {arch} pipeline supports up to {null_class} classes")
+    vae = load_vae(recipe)
     if vae is not None:
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if vae.config.in_channels != channels:
@@ -272,16 +255,15 @@ def build(recipe, channels: int, resolution: int, num_classes: int | None = None
         latent_channels, latent_size = channels, resolution
     encoder = tok = None
     trainable = False
-    if arch in TEXT_ARCHS:
+    if ARCHS[arch].text_encoder:
         encoder, tok, trainable = load_text_encoder(recipe, captions)
     config = model_config(recipe, latent_channels, latent_size, text_dim_of(encoder) if encoder is not None else None,
                           num_classes)
     model = model_class(arch)(**config)
-    if arch == "dit":
-        # hf-vram drops labels itself (diffusion.cond_dropout); DiT's built-in 10% label dropout is switched off.
-        for m in model.modules():
-            if type(m).__name__ == "LabelEmbedding":
-                m.dropout_prob = 0.0
+    # hf-vram drops labels itself (diffusion.cond_dropout); a label embedding's built-in dropout (DiT's 10%) is off.
+    for m in model.modules():
+        if type(m).__name__ == "LabelEmbedding":
+            m.dropout_prob = 0.0
     noise, sample = schedulers(recipe)
     return DiffusionParts(arch, model, noise, sample, vae, num_classes, list(class_names), latent_channels, latent_size,
                           encoder, tok, trainable, recipe.diffusion.max_caption_length, recipe.diffusion.conditioning)
@@ -289,54 +271,98 @@ def build(recipe, channels: int, resolution: int, num_classes: int | None = None
 
 def forward(parts: DiffusionParts, model, noisy, timesteps, labels=None):
     """The model's prediction (noise or v) for a noisy batch (labels: class ids, or (embeddings, mask) of text)."""
-    if parts.arch == "dit":
-        out = model(noisy, timestep=timesteps, class_labels=labels).sample
-        return out[:, : parts.latent_channels]
-    if parts.arch == "unet2d-condition":
-        return model(noisy, timesteps, encoder_hidden_states=labels[0]).sample
-    if parts.arch == "pixart":
-        emb, mask = labels
-        out = model(noisy, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=timesteps,
-                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-        return out[:, : parts.latent_channels]
+    return _FORWARDS[parts.arch](parts, model, noisy, timesteps, labels)
+
+
+def _forward_unet2d(parts, model, noisy, timesteps, labels):
     if parts.conditioning == "class":
         return model(noisy, timesteps, class_labels=labels).sample
     return model(noisy, timesteps).sample
 
 
+def _forward_dit(parts, model, noisy, timesteps, labels):
+    out = model(noisy, timestep=timesteps, class_labels=labels).sample
+    return out[:, : parts.latent_channels]  # the rest is its learned variance, unused by DDPM's loss
+
+
+def _forward_unet2d_condition(parts, model, noisy, timesteps, labels):
+    return model(noisy, timesteps, encoder_hidden_states=labels[0]).sample
+
+
+def _forward_pixart(parts, model, noisy, timesteps, labels):
+    emb, mask = labels
+    out = model(noisy, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=timesteps,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    return out[:, : parts.latent_channels]
+
+
+# One per architecture of diffusion_archs.ARCHS (a test checks that none is missing).
+_FORWARDS = {"unet2d": _forward_unet2d, "dit": _forward_dit, "unet2d-condition": _forward_unet2d_condition,
+             "pixart": _forward_pixart}
+
+
 def make_pipeline(parts: DiffusionParts, model):
-    """The stock pipeline around a (trained) model: what is saved and what draws the sample grids."""
-    from diffusers import DDPMPipeline, DiTPipeline, PixArtAlphaPipeline, StableDiffusionPipeline
+    """The pipeline around a (trained) model: what is saved and what draws the sample grids."""
+    return _PIPELINES[parts.pipeline_name](parts, model)
 
-    from hf_vram.pipelines.pixel_pipelines import ClassConditionalPipeline, PixelTextToImagePipeline
 
-    names = parts.class_names or [str(i) for i in range(parts.num_classes or 0)]
-    if parts.pipeline_name == "ClassConditionalPipeline":
-        return ClassConditionalPipeline(unet=model, scheduler=parts.sample_scheduler, id2label=dict(enumerate(names)))
-    if parts.pipeline_name == "PixelTextToImagePipeline":
-        return PixelTextToImagePipeline(unet=model, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                        scheduler=parts.sample_scheduler)
-    if parts.arch == "unet2d-condition":
-        return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                       unet=model, scheduler=parts.sample_scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    if parts.arch == "pixart":
-        return PixArtAlphaPipeline(tokenizer=parts.tokenizer, text_encoder=parts.text_encoder, vae=parts.vae,
-                                   transformer=model, scheduler=parts.sample_scheduler)
-    if parts.arch == "dit":
-        # id2label lets `pipe.get_label_ids(["7"])` find class ids by name.
-        return DiTPipeline(transformer=model, vae=parts.vae, scheduler=parts.sample_scheduler,
-                           id2label={i: n for i, n in enumerate(names)})
+def _class_names(parts: DiffusionParts) -> list[str]:
+    return parts.class_names or [str(i) for i in range(parts.num_classes or 0)]
+
+
+def _ddpm(parts, model):
+    from diffusers import DDPMPipeline
+
     return DDPMPipeline(unet=model, scheduler=parts.sample_scheduler)
 
 
+def _class_conditional(parts, model):
+    from hf_vram.pipelines.pixel_pipelines import ClassConditionalPipeline
+
+    return ClassConditionalPipeline(unet=model, scheduler=parts.sample_scheduler,
+                                    id2label=dict(enumerate(_class_names(parts))))
+
+
+def _dit(parts, model):
+    from diffusers import DiTPipeline
+
+    # id2label lets `pipe.get_label_ids(["7"])` find class ids by name.
+    return DiTPipeline(transformer=model, vae=parts.vae, scheduler=parts.sample_scheduler,
+                       id2label=dict(enumerate(_class_names(parts))))
+
+
+def _stable_diffusion(parts, model):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=model, scheduler=parts.sample_scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def _pixel_text_to_image(parts, model):
+    from hf_vram.pipelines.pixel_pipelines import PixelTextToImagePipeline
+
+    return PixelTextToImagePipeline(unet=model, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                    scheduler=parts.sample_scheduler)
+
+
+def _pixart(parts, model):
+    from diffusers import PixArtAlphaPipeline
+
+    return PixArtAlphaPipeline(tokenizer=parts.tokenizer, text_encoder=parts.text_encoder, vae=parts.vae,
+                               transformer=model, scheduler=parts.sample_scheduler)
+
+
+# By the pipeline names of diffusion_archs.ARCHS.
+_PIPELINES = {"DDPMPipeline": _ddpm, "ClassConditionalPipeline": _class_conditional, "DiTPipeline": _dit,
+              "StableDiffusionPipeline": _stable_diffusion, "PixelTextToImagePipeline": _pixel_text_to_image,
+              "PixArtAlphaPipeline": _pixart}
+
+
 def pipeline_kwargs(arch: str, resolution: int, max_caption_length: int) -> dict:
-    """Keyword arguments a text-to-image pipeline needs besides the prompt: the image size, and for PixArt no
-    resolution binning (its bins exist only for sample sizes 32/64/128) and the training caption length."""
-    kw = {"height": resolution, "width": resolution}
-    if arch == "pixart":
-        kw.update(use_resolution_binning=False, max_sequence_length=max_caption_length, clean_caption=False)
-    return kw
+    """Keyword arguments a text-to-image pipeline needs besides the prompt: the image size, and what the arch's
+    pipeline needs to sample as training did (diffusion_archs.sampling_kwargs)."""
+    return {"height": resolution, "width": resolution, **sampling_kwargs(arch, max_caption_length)}
 
 
 def generate(pipe, parts: DiffusionParts, n: int, steps: int, guidance_scale: float, seed: int,
@@ -362,16 +388,15 @@ def save_pipeline(parts: DiffusionParts, model, out) -> None:
     import shutil
     from pathlib import Path
 
-    from hf_vram.atomic import atomic_write_json
+    from data_prep.atomic import atomic_write_json
 
     out = Path(out)
     make_pipeline(parts, model).save_pretrained(str(out))
     index = json.loads((out / "model_index.json").read_text())
-    if parts.arch == "dit":
+    if parts.pipeline_name == "DiTPipeline":
         # The Hub's DiT checkpoints keep id2label in model_index.json, from where from_pretrained passes it back
         # (pipe.get_label_ids(["7"])).
-        names = parts.class_names or [str(i) for i in range(parts.num_classes or 0)]
-        index["id2label"] = {str(i): n for i, n in enumerate(names)}
+        index["id2label"] = {str(i): n for i, n in enumerate(_class_names(parts))}
     if is_custom_pipeline(parts.pipeline_name):
         from hf_vram.pipelines import pixel_pipelines
 
@@ -380,7 +405,7 @@ def save_pipeline(parts: DiffusionParts, model, out) -> None:
     atomic_write_json(out / "model_index.json", index)
 
 
-def load_pipeline(out):
+def load_diffusion_pipeline(out):
     """DiffusionPipeline.from_pretrained of a saved output; the code of a custom pipeline is trusted only when it is
     hf-vram's own file, byte for byte."""
     import json

@@ -31,7 +31,8 @@ def scratch_config(recipe: Recipe, tokenizer) -> PretrainedConfig:
 
 def attention_for(config: PretrainedConfig, requested: str) -> str | None:
     """The attention kernel to ask transformers for: attention-free models (Mamba, Mamba2, RWKV) refuse sdpa, the
-    default, so they get none; an explicit flash_attention_2 on such a model is still refused by transformers."""
+    default, so they get none; an explicit flash_attention_2 on such a model is still refused by transformers.
+    transformers 5.24's refusal: tests/test_library_workarounds.py::test_attention_free_models_refuse_sdpa."""
     cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
     if requested == "sdpa" and cls is not None and not getattr(cls, "_supports_sdpa", True):
         return None
@@ -76,6 +77,8 @@ def build_model(recipe: Recipe, tokenizer, model_path: str | None, added_token_i
         if getattr(model, "loss_type", None) is None:
             # Some models (GPT-2) leave it unset; the Trainer then divides the summed loss by every label, T per
             # row, where a causal LM predicts T - 1: the loss and gradients would be scaled by (T - 1) / T.
+            # transformers 5.24; tests/test_library_workarounds.py fails once GPT-2 sets it or the Trainer's
+            # count no longer depends on it.
             model.loss_type = "ForCausalLM"
     else:
         quant = bnb_config(recipe.quant)
@@ -173,7 +176,8 @@ def cast_unquantized(model, dtype: torch.dtype) -> str:
     """peft's prepare_model_for_kbit_training (0.21) casts every weight bitsandbytes left unquantized to fp32, for
     stability: on Llama-3 that is 4.2 GB of embeddings and LM head. The compute dtype is enough for frozen weights
     (RMSNorm computes its statistics in fp32 whatever the weight's dtype), and it keeps the residual stream, and so
-    every checkpointed activation, in bf16 instead of fp32."""
+    every checkpointed activation, in bf16 instead of fp32. tests/test_long_context.py
+    (test_peft_still_casts_unquantized_weights_to_fp32) fails if peft stops casting, and this can go."""
     for p in model.parameters():
         if p.dtype == torch.float32 and type(p).__name__ not in ("Params4bit", "Int8Params"):
             p.data = p.data.to(dtype)
@@ -196,9 +200,10 @@ def set_stop_tokens(generation_config, tokenizer) -> None:
 
 
 def expose_bias_of_trainable_tokens(model) -> None:
-    """trl's fused LM head reads `lm_head.weight` and `lm_head.bias` directly. peft's TrainableTokensWrapper
-    (new tokens' rows of an untied output layer) answers `.weight` with the merged weights, which carry the
-    trained rows, but not `.bias`; it is the wrapped layer's own bias."""
+    """trl's fused LM head (trl 1.16) reads `lm_head.weight` and `lm_head.bias` directly. peft's
+    TrainableTokensWrapper (peft 0.21; new tokens' rows of an untied output layer) answers `.weight` with the
+    merged weights, which carry the trained rows, but not `.bias`, so the fused forward fails; the bias is the
+    wrapped layer's own. Both behaviours: tests/test_library_workarounds.py."""
     from peft.utils.other import TrainableTokensWrapper
 
     for module in model.modules():
@@ -223,7 +228,8 @@ def keep_4bit_layout_for_training(model) -> None:
     bitsandbytes (0.50) repacks a Linear4bit's weight in place at its first eval-mode, no-grad forward on a CPU
     with AVX512-BF16, and the training backward does not undo it: after one generate() (the score before
     training), the next step's gradients were wrong (grad norm 1.6 instead of 8.7 on the same batch) and the
-    adapter learned far less. A model that is trained keeps the training layout.
+    adapter learned far less. A model that is trained keeps the training layout. tests/test_library_workarounds.py
+    checks that bitsandbytes still repacks (on CPUs with AVX512-BF16) and that this switch still prevents it.
     """
     import bitsandbytes as bnb
 
@@ -232,7 +238,7 @@ def keep_4bit_layout_for_training(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def count_parameters(model) -> tuple[int, int]:
+def trainable_and_total(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as their logical number of parameters."""
     trainable = total = 0
     for p in model.parameters():

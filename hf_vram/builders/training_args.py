@@ -12,6 +12,22 @@ from hf_vram.device import has_cuda, mixed_precision
 from hf_vram.recipe.schema import Recipe
 
 
+def _optimization(t) -> dict:
+    """The optimizer and its schedule (train section): the one translation of train.lr and its companions, used by
+    every trainer and by the diffusion loop (optimization_args)."""
+    return dict(
+        learning_rate=t.lr,
+        # two_stage is built by the trainer itself (train/trainers.py); transformers only knows its own schedules.
+        lr_scheduler_type="constant" if t.lr_scheduler == "two_stage" else t.lr_scheduler,
+        lr_scheduler_kwargs={"min_lr": t.min_lr} if t.lr_scheduler == "cosine_with_min_lr" else None,
+        adam_beta2=t.adam_beta2,
+        warmup_steps=t.warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+    )
+
+
 def _common(recipe: Recipe, output_dir: str, has_eval: bool) -> dict:
     """Arguments every trainer takes (transformers.TrainingArguments)."""
     t = recipe.train
@@ -23,15 +39,7 @@ def _common(recipe: Recipe, output_dir: str, has_eval: bool) -> dict:
         gradient_accumulation_steps=t.grad_accum,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        learning_rate=t.lr,
-        # two_stage is built by the trainer itself (train/guard.py); transformers only knows its own schedules.
-        lr_scheduler_type="constant" if t.lr_scheduler == "two_stage" else t.lr_scheduler,
-        lr_scheduler_kwargs={"min_lr": t.min_lr} if t.lr_scheduler == "cosine_with_min_lr" else None,
-        adam_beta2=t.adam_beta2,
-        warmup_steps=t.warmup,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
+        **_optimization(t),
         # A quantized base had checkpointing switched on by prepare_model_for_kbit_training already.
         activation_checkpointing=t.gradient_checkpointing and recipe.quant.bits is None,
         activation_checkpointing_kwargs={"use_reentrant": False},
@@ -41,14 +49,14 @@ def _common(recipe: Recipe, output_dir: str, has_eval: bool) -> dict:
         data_seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        # NaN/inf losses stop the run (see train/guard.py) instead of being dropped from the logs.
+        # NaN/inf losses stop the run (see output/finite.py) instead of being dropped from the logs.
         logging_nan_inf_filter=False,
         # Held-out evaluation every eval_steps; the runner evaluates once more at the end in any case.
         eval_strategy="steps" if has_eval and t.eval_steps else "no",
         eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        # Rotation is done by hf-vram after a checkpoint is complete (train/checkpoints.py), never before.
+        # Rotation is done by hf-vram after a checkpoint is complete (output/checkpoints.py), never before.
         save_total_limit=None,
         report_to=t.report_to or "none",
         torch_compile=t.torch_compile,
@@ -85,6 +93,13 @@ def dpo_config(recipe: Recipe, output_dir: str, has_eval: bool = False) -> DPOCo
 def pretrain_args(recipe: Recipe, output_dir: str, has_eval: bool = False) -> TrainingArguments:
     # Blocks of token ids arrive whole from the shards (data_prep/shards.py): nothing to pack or pad.
     return TrainingArguments(**_common(recipe, output_dir, has_eval))
+
+
+def optimization_args(recipe: Recipe, output_dir: str) -> TrainingArguments:
+    """For a loop that is not a Trainer (task diffusion): the optimizer and schedule settings as TrainingArguments,
+    so that it builds them with the Trainer's own functions (Trainer.get_optimizer_cls_and_kwargs, get_scheduler)."""
+    return TrainingArguments(output_dir=output_dir, **_optimization(recipe.train), seed=recipe.train.seed,
+                             report_to="none", use_cpu=not has_cuda())
 
 
 def training_args(recipe: Recipe, output_dir: str, has_eval: bool = False):

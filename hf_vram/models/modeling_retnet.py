@@ -464,38 +464,67 @@ class RetNetModel(RetNetPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        inputs_embeds = self._embed(input_ids, inputs_embeds)
+        use_cache, cache = self._cache_for_call(use_cache, cache)
+
+        length = inputs_embeds.shape[1]
+        token_mask = self._token_mask(attention_mask, inputs_embeds)
+        past_positions = cache.get_positions() if cache is not None else None
+        if position_ids is None:
+            position_ids = self._default_positions(token_mask, past_positions)
+        rotation = self._rotation(position_ids.to(inputs_embeds.device), inputs_embeds.dtype)
+        mode = self._mode(cache is not None and past_positions is not None, length)
+        hidden_states, all_hidden_states = self._run_layers(
+            inputs_embeds, rotation, token_mask, mode, cache, output_hidden_states
+        )
+        if cache is not None:
+            cache.set_positions(position_ids[:, -1].to(inputs_embeds.device) + 1)
+        kept_cache = cache if use_cache else None
+        if not return_dict:
+            return tuple(v for v in (hidden_states, kept_cache, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=kept_cache, hidden_states=all_hidden_states)
+
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+
+    def _cache_for_call(self, use_cache: bool | None, cache) -> tuple[bool, RetNetCache | None]:
+        """(use_cache, the state this call reads and advances): a new one when the call keeps a cache and has none."""
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             # The checkpointed blocks run again in backward; a cache would be advanced twice.
             use_cache, cache = False, None
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
         if cache is not None and not isinstance(cache, RetNetCache):
             raise TypeError(f"RetNet needs a RetNetCache, got {type(cache).__name__}")
         if use_cache and cache is None:
             cache = RetNetCache(self.config)
+        return use_cache, cache
 
+    @staticmethod
+    def _token_mask(attention_mask, inputs_embeds) -> torch.Tensor:
+        """1 for the real tokens of this call, 0 for padding (the mask may also cover the cached tokens)."""
         batch, length = inputs_embeds.shape[:2]
         if attention_mask is not None:
-            token_mask = attention_mask[:, -length:].to(inputs_embeds.device)
-        else:
-            token_mask = torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device)
-        past_positions = cache.get_positions() if cache is not None else None
-        if position_ids is None:
-            position_ids = (token_mask.long().cumsum(-1) - 1).clamp(min=0)
-            if past_positions is not None:
-                position_ids = position_ids + past_positions[:, None]
-        rotation = self._rotation(position_ids.to(inputs_embeds.device), inputs_embeds.dtype)
+            return attention_mask[:, -length:].to(inputs_embeds.device)
+        return torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device)
 
-        has_state = cache is not None and past_positions is not None
+    @staticmethod
+    def _default_positions(token_mask: torch.Tensor, past_positions) -> torch.Tensor:
+        """Positions counted over unmasked tokens, continuing from the cached ones."""
+        position_ids = (token_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if past_positions is not None:
+            position_ids = position_ids + past_positions[:, None]
+        return position_ids
+
+    def _mode(self, has_state: bool, length: int) -> str:
+        """One new token on a state: the recurrent form; several: chunkwise; no state: config.forward_impl."""
         if has_state:
-            mode = "recurrent" if length == 1 else "chunkwise"
-        else:
-            mode = self.config.forward_impl
+            return "recurrent" if length == 1 else "chunkwise"
+        return self.config.forward_impl
 
-        hidden_states = inputs_embeds
+    def _run_layers(self, hidden_states, rotation, token_mask, mode: str, cache, output_hidden_states: bool):
+        """(final normed hidden states, every layer's input and the final output when output_hidden_states)."""
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(
@@ -506,14 +535,7 @@ class RetNetModel(RetNetPreTrainedModel):
         hidden_states = self.layer_norm(hidden_states)
         if output_hidden_states:
             all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
-
-        if cache is not None:
-            cache.set_positions(position_ids[:, -1].to(inputs_embeds.device) + 1)
-        if not return_dict:
-            return tuple(v for v in (hidden_states, cache if use_cache else None, all_hidden_states) if v is not None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, cache=cache if use_cache else None, hidden_states=all_hidden_states
-        )
+        return hidden_states, all_hidden_states
 
 
 class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):

@@ -88,41 +88,10 @@ def read_mergekit_yaml(path: str | Path) -> AssembleSpec:
     """A mergekit-moe config file as an AssembleSpec. Relative local paths are taken relative to the file;
     names that are no local path stay as they are (Hub ids). Every problem in the file is reported at once."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; give the path of a mergekit-moe YAML config")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping with base_model and experts, found {type(data).__name__}")
-
-    problems: list[str] = []
-    for key, value in data.items():
-        if key in UNSUPPORTED_KEYS:
-            problems.append(f"{key}: not supported: {UNSUPPORTED_KEYS[key]}")
-        elif key == "architecture":
-            if str(value).lower() != "mixtral":
-                problems.append(
-                    f"architecture: '{value}' is not supported: only a Mixtral is built; set mixtral or remove the key"
-                )
-        elif key not in YAML_KEYS:
-            problems.append(f"{key}: unknown key{did_you_mean(key, YAML_KEYS)}; the keys are {', '.join(YAML_KEYS)}")
-
-    base = data.get("base_model")
-    if not isinstance(base, str) or not base:
-        problems.append("base_model: required: the model whose attention, embeddings and norms the MoE keeps")
-    else:
-        base = _resolve_model_path(base, path.parent, "base_model", problems)
-    experts_data = data.get("experts")
-    experts: list[ExpertSpec] = []
-    if not isinstance(experts_data, list) or not experts_data:
-        problems.append("experts: required: a list of {source_model, positive_prompts, negative_prompts}")
-    else:
-        for i, item in enumerate(experts_data):
-            expert = _read_expert(item, f"experts[{i}]", path.parent, problems)
-            if expert is not None:
-                experts.append(expert)
+    data = _read_yaml_mapping(path)
+    problems = _top_level_key_problems(data)
+    base = _read_base(data, path.parent, problems)
+    experts = _read_experts(data, path.parent, problems)
     if problems:
         raise _invalid(f"mergekit-moe config {path}", problems)
 
@@ -134,12 +103,56 @@ def read_mergekit_yaml(path: str | Path) -> AssembleSpec:
     return spec
 
 
+def _read_yaml_mapping(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; give the path of a mergekit-moe YAML config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping with base_model and experts, found {type(data).__name__}")
+    return data
+
+
+def _top_level_key_problems(data: dict) -> list[str]:
+    """Keys of the file that a Mixtral output cannot honour, or that mergekit-moe does not know."""
+    problems: list[str] = []
+    for key, value in data.items():
+        if key in UNSUPPORTED_KEYS:
+            problems.append(f"{key}: not supported: {UNSUPPORTED_KEYS[key]}")
+        elif key == "architecture":
+            if str(value).lower() != "mixtral":
+                problems.append(
+                    f"architecture: '{value}' is not supported: only a Mixtral is built; set mixtral or remove the key"
+                )
+        elif key not in YAML_KEYS:
+            problems.append(f"{key}: unknown key{did_you_mean(key, YAML_KEYS)}; the keys are {', '.join(YAML_KEYS)}")
+    return problems
+
+
+def _read_base(data: dict, root: Path, problems: list[str]):
+    base = data.get("base_model")
+    if not isinstance(base, str) or not base:
+        problems.append("base_model: required: the model whose attention, embeddings and norms the MoE keeps")
+        return base
+    return _resolve_model_path(base, root, "base_model", problems)
+
+
+def _read_experts(data: dict, root: Path, problems: list[str]) -> list[ExpertSpec]:
+    experts_data = data.get("experts")
+    if not isinstance(experts_data, list) or not experts_data:
+        problems.append("experts: required: a list of {source_model, positive_prompts, negative_prompts}")
+        return []
+    experts = [_read_expert(item, f"experts[{i}]", root, problems) for i, item in enumerate(experts_data)]
+    return [e for e in experts if e is not None]
+
+
 def assemble(spec: AssembleSpec, output_dir: str | Path, tokenizer_source: str | Path | None = None) -> Path:
     """Build the MoE described by spec and save it (weights, config, tokenizer, generation config, and
     assembly.json with the spec) to output_dir, which must not exist or be empty. The files are written to a
     temporary folder beside output_dir and renamed into place at the end, so a failure leaves no output."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
     _check_spec(spec, source="assembly spec")
     output_dir = Path(output_dir)
@@ -148,24 +161,46 @@ def assemble(spec: AssembleSpec, output_dir: str | Path, tokenizer_source: str |
     dtype = getattr(torch, spec.dtype)
 
     # Configs first: a wrong path or a misfit expert is reported before any weights are read.
+    base_config = _checked_configs(spec)
+    tokenizer_ref = str(tokenizer_source) if tokenizer_source is not None else spec.base_model
+    tokenizer = _load_tokenizer(tokenizer_ref, base_config.vocab_size)
+    moe = _build_moe(spec, base_config, tokenizer, dtype)
+    record = {"spec": asdict(spec), "tokenizer_source": tokenizer_ref, "architecture": "MixtralForCausalLM"}
+    _save_atomically(moe, tokenizer, record, output_dir)
+    return output_dir
+
+
+def _checked_configs(spec: AssembleSpec):
+    """The base's config, once it and every expert's are dense models of one shape."""
+    from transformers import AutoConfig
+
     base_config = _load_config(AutoConfig, spec.base_model, "base_model")
     _check_dense(base_config, "base_model", spec.base_model)
     for i, expert in enumerate(spec.experts):
         config = _load_config(AutoConfig, expert.source_model, f"experts[{i}]")
         _check_dense(config, f"experts[{i}]", expert.source_model)
         _check_same_shape(config, base_config, i, expert.source_model, spec.base_model)
-    tokenizer_ref = str(tokenizer_source) if tokenizer_source is not None else spec.base_model
+    return base_config
+
+
+def _load_tokenizer(ref: str, vocab_size: int):
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref)
+        tokenizer = AutoTokenizer.from_pretrained(ref)
     except (OSError, ValueError) as e:
+        raise UserError(f"tokenizer {ref}: cannot be loaded ({e}); give a folder or Hub id with a tokenizer") from e
+    if len(tokenizer) > vocab_size:
         raise UserError(
-            f"tokenizer {tokenizer_ref}: cannot be loaded ({e}); give a folder or Hub id with a tokenizer"
-        ) from e
-    if len(tokenizer) > base_config.vocab_size:
-        raise UserError(
-            f"tokenizer {tokenizer_ref}: {len(tokenizer)} tokens, more than the models' vocab_size "
-            f"{base_config.vocab_size}; use the tokenizer the models were trained with"
+            f"tokenizer {ref}: {len(tokenizer)} tokens, more than the models' vocab_size "
+            f"{vocab_size}; use the tokenizer the models were trained with"
         )
+    return tokenizer
+
+
+def _build_moe(spec: AssembleSpec, base_config, tokenizer, dtype):
+    """The Mixtral in memory: the base's shared tensors, the routers' rows, each expert's MLPs in its slot."""
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
     base = _load_model(AutoModelForCausalLM, spec.base_model, "base_model", dtype)
     rows = _router_rows(spec, base, tokenizer)  # (layers, experts, hidden), float32
@@ -189,16 +224,19 @@ def assemble(spec: AssembleSpec, output_dir: str | Path, tokenizer_source: str |
         raise RuntimeError(f"the Mixtral has tensors no source model filled: {missed[:5]}")
     moe.generation_config = _generation_config(spec.base_model, moe.config, tokenizer)
     moe.eval()
+    return moe
 
+
+def _save_atomically(moe, tokenizer, record: dict, output_dir: Path) -> None:
+    """Everything into a staging folder beside output_dir, flushed to disk, then renamed into place."""
     staging = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         moe.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        record = {"spec": asdict(spec), "tokenizer_source": tokenizer_ref, "architecture": "MixtralForCausalLM"}
         (staging / "assembly.json").write_text(json.dumps(record, indent=2) + "\n")
-        from hf_vram.atomic import fsync_tree
+        from data_prep.atomic import fsync_tree
 
         fsync_tree(staging)
         if output_dir.exists():
@@ -207,7 +245,6 @@ def assemble(spec: AssembleSpec, output_dir: str | Path, tokenizer_source: str |
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return output_dir
 
 
 def _read_expert(item, where: str, root: Path, problems: list[str]) -> ExpertSpec | None:

@@ -14,16 +14,16 @@ def is_accelerate_config(ref: str) -> bool:
     if not p.is_file():
         return False
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError:
-        return False  # reported, with its line, by the recipe loader
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return False  # reported, with its line (or its first byte that is not UTF-8), by the recipe loader
     return isinstance(data, dict) and "compute_environment" in data
 
 
 def validate_accelerate_config(ref: str) -> str:
     from accelerate.commands.config.config_args import ClusterConfig
 
-    data = yaml.safe_load(Path(ref).read_text())
+    data = yaml.safe_load(Path(ref).read_text(encoding="utf-8"))
     known = set(ClusterConfig.__dataclass_fields__)
     unknown = sorted(set(data) - known)
     if unknown:

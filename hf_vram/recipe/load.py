@@ -72,28 +72,93 @@ class LoadedRecipe:
         )
 
 
-def _line_map(node: yaml.Node, source: str, prefix: str = "") -> dict[str, str]:
-    """key path -> 'file:line' for every mapping key in a composed YAML document."""
-    out: dict[str, str] = {}
+def _mapping_keys(node: yaml.Node, prefix: str = "", seen: set[int] | None = None):
+    """(key path, key node, its mapping node) of every mapping key in a composed YAML document, mappings inside
+    lists included (their paths count the list index). Each node is walked once: an alias (`*name`) shares its
+    anchor's node, and a recursive one (`&a [*a]`) would otherwise never end."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            out[path] = f"{source}:{key_node.start_mark.line + 1}"
-            out.update(_line_map(value_node, source, path))
-    return out
+            yield path, key_node, node
+            yield from _mapping_keys(value_node, path, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _mapping_keys(item, f"{prefix}.{i}" if prefix else str(i), seen)
+
+
+def _line_map(node: yaml.Node, source: str) -> dict[str, str]:
+    """key path -> 'file:line' for every mapping key in a composed YAML document."""
+    return {path: f"{source}:{key.start_mark.line + 1}" for path, key, _ in _mapping_keys(node)}
+
+
+def _duplicate_keys(node: yaml.Node, source: str) -> list[str]:
+    """A key written twice in one mapping: PyYAML keeps the last value without a word, so the first one, often the
+    one meant, would be ignored."""
+    first: dict[tuple, str] = {}
+    problems = []
+    for path, key, mapping in _mapping_keys(node):
+        line = key.start_mark.line + 1
+        if key.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges; several of them are YAML's own business
+            continue
+        # Per mapping, by the key as written (a key with dots, `a.b:`, is not the nested a: {b: ...}).
+        seen_as = (id(mapping), key.tag, str(key.value))
+        where = f"line {line}, column {key.start_mark.column + 1}"
+        if seen_as in first:
+            problems.append(f"{source}:{line}: {path}: duplicate key (already set at {first[seen_as]}); YAML would "
+                            "keep only the last one: keep one of them")
+        else:
+            first[seen_as] = where
+    return problems
+
+
+def _read_text(path: Path) -> str:
+    """The recipe file as text; a file that is not UTF-8 is an error naming the first bad byte (not a traceback)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise RecipeError(str(path), [f"{path}: cannot be read ({e.strerror})"]) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise RecipeError(str(path), [
+            f"{path}:{line}:{column}: not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} ({e.reason}); "
+            "recipes are read as UTF-8: re-save the file as UTF-8 (in the editor's encoding menu, or "
+            f"`iconv -f latin1 -t utf-8 {path.name} > fixed.yaml` for Latin-1)"
+        ]) from None
+
+
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    """'file:line:column: not valid YAML: what (while what, from line N)' from a PyYAML error."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return f"{path}: not valid YAML: {e}"
+    context = getattr(e, "context", None)
+    context_mark = getattr(e, "context_mark", None)
+    where = f" ({context}, from line {context_mark.line + 1})" if context and context_mark else ""
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {e.problem}{where}"
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    text = path.read_text()
+    text = _read_text(path)
     try:
-        data = yaml.safe_load(text)
         node = yaml.compose(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise RecipeError(str(path), [f"not valid YAML: {e}"]) from None
+        raise RecipeError(str(path), [_yaml_error(path, e)]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(str(path), ["the top level must be a mapping of sections (model, data, train, ...)"])
+        raise RecipeError(str(path), [f"{path}: the top level must be a mapping of sections (model, data, train, ...), "
+                                      f"not a {type(data).__name__}"])
+    duplicates = _duplicate_keys(node, str(path))
+    if duplicates:
+        raise RecipeError(str(path), duplicates)
     return data, _line_map(node, str(path)) if node is not None else {}
 
 
@@ -138,7 +203,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, _, raw = text.partition("=")
     keys = [k for k in key.strip().split(".") if k]
     if not keys:
-        raise RecipeError(COMMAND_LINE, [f"override '{text}': empty key"])
+        raise RecipeError(COMMAND_LINE, [f"override '{text}': no key path before '=': expected key.path=value, "
+                                         "e.g. train.lr=1e-4"])
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -147,12 +213,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _apply_override(data: dict, keys: list[str], value: Any) -> None:
-    node = data
-    for k in keys[:-1]:
-        if not isinstance(node.get(k), dict):
+    """Set data[k1][k2]... = value; a number after a list's key is an index into it (moe.experts.0.source_model)."""
+    node: Any = data
+    for depth, k in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not (k.isdigit() and int(k) < len(node)):
+                path = ".".join(keys[:depth])
+                indexes = f"of {len(node)} (indexes 0 to {len(node) - 1})" if node else "that is empty"
+                raise RecipeError(COMMAND_LINE, [f"override '{'.'.join(keys)}': {path} is a list {indexes}; give an "
+                                                 f"index after it, or set the whole list: {path}=[...]"])
+            k = int(k)
+        elif not last and not isinstance(node.get(k), dict | list):
             node[k] = {}
-        node = node[k]
-    node[keys[-1]] = value
+        if last:
+            node[k] = value
+        else:
+            node = node[k]
 
 
 def _schema_fields(loc: tuple) -> list[str]:
@@ -196,63 +273,76 @@ def _explain(err: dict, origins: dict[str, str], source: str) -> str:
         return f"{where}: {path}: got {value!r}, expected one of {expected}{did_you_mean(value, options)}"
     if kind == "value_error":
         return f"{where}: {path}: {msg}"
+    if kind == "finite_number":
+        return f"{where}: {path}: got {value!r}, expected a finite number (inf and nan are not allowed)"
     return f"{where}: {path}: {msg}, got {value!r}"
 
 
 def _check_references(recipe: Recipe, origins: dict[str, str], source: str) -> list[str]:
     """Things pydantic cannot see: files that must exist, recipe dependencies, builtin data, config keys."""
-    from data_prep.builtin import BUILTIN_SOURCES
-    from data_prep.sources import LOADERS
-
-    problems = []
 
     def at(key: str) -> str:
         return origins.get(key, source)
 
+    problems = _check_data_source(recipe, at) + _check_model_refs(recipe, at, Path(source).parent)
+    if recipe.model.arch:
+        problems += _check_model_config(recipe, at)
+    return problems
+
+
+def _check_data_source(recipe: Recipe, at) -> list[str]:
+    """data.source: a builtin source that exists, a URL only for pretraining, a local file that exists."""
+    from data_prep.sources import LOADERS
+
     src = recipe.data.source if recipe.data else ""
-    if src.startswith("builtin:") and recipe.data.format == "images":
+    if src.startswith("builtin:"):
+        return _check_builtin_source(src, recipe.data.format == "images", at)
+    if src.startswith(("http://", "https://")):
+        if recipe.task != "pretrain":
+            return [f"{at('data.source')}: data.source: a URL is read by task pretrain only; download the file and "
+                    "give its path"]
+    elif src and (src.endswith(tuple(LOADERS)) or src.startswith((".", "/", "~"))):
+        if not Path(src).expanduser().exists():
+            return [f"{at('data.source')}: data.source: file '{src}' does not exist (relative paths are read from the "
+                    "current directory; give a Hub dataset id without a file suffix to load from the Hub)"]
+    return []
+
+
+def _check_builtin_source(src: str, images: bool, at) -> list[str]:
+    """builtin:NAME names data the project generates: an image set for format images, else a text dataset."""
+    if images:
         from data_prep.images import BUILTIN_IMAGE_SOURCES
 
         if src not in BUILTIN_IMAGE_SOURCES:
-            problems.append(f"{at('data.source')}: data.source: no builtin image source '{src}'"
-                            f"{did_you_mean(src, BUILTIN_IMAGE_SOURCES)}; builtin: {', '.join(BUILTIN_IMAGE_SOURCES)}")
-    elif src.startswith("builtin:"):
-        name = src.removeprefix("builtin:")
-        if name not in BUILTIN_SOURCES:
-            problems.append(
-                f"{at('data.source')}: data.source: no builtin dataset '{name}'{did_you_mean(name, BUILTIN_SOURCES)}; "
-                f"builtin: {', '.join(BUILTIN_SOURCES)}"
-            )
-    elif src.startswith(("http://", "https://")):
-        if recipe.task != "pretrain":
-            problems.append(f"{at('data.source')}: data.source: a URL is read by task pretrain only; download the file "
-                            "and give its path")
-    elif src and (src.endswith(tuple(LOADERS)) or src.startswith((".", "/", "~"))):
-        if not Path(src).expanduser().exists():
-            problems.append(
-                f"{at('data.source')}: data.source: file '{src}' does not exist (relative paths are read from the "
-                "current directory; give a Hub dataset id without a file suffix to load from the Hub)"
-            )
+            return [f"{at('data.source')}: data.source: no builtin image source '{src}'"
+                    f"{did_you_mean(src, BUILTIN_IMAGE_SOURCES)}; builtin: {', '.join(BUILTIN_IMAGE_SOURCES)}"]
+        return []
+    from data_prep.builtin import BUILTIN_SOURCES
+
+    name = src.removeprefix("builtin:")
+    if name not in BUILTIN_SOURCES:
+        return [f"{at('data.source')}: data.source: no builtin dataset '{name}'{did_you_mean(name, BUILTIN_SOURCES)}; "
+                f"builtin: {', '.join(BUILTIN_SOURCES)}"]
+    return []
+
+
+def _check_model_refs(recipe: Recipe, at, folder: Path) -> list[str]:
+    """Models named by the recipe: a recipe:NAME dependency must be a recipe, a local path must exist."""
     refs = [("model.name_or_path", recipe.model.name_or_path), ("tokenizer.name_or_path", recipe.tokenizer.name_or_path)]
     if recipe.diffusion:
         refs += [("diffusion.vae", recipe.diffusion.vae), ("diffusion.text_encoder", recipe.diffusion.text_encoder)]
     if recipe.moe:
         refs += [(f"moe.experts.{i}.source_model", e.source_model) for i, e in enumerate(recipe.moe.experts)]
+    problems = []
     for key, ref in refs:
-        if not ref:
-            continue
-        if ref.startswith("recipe:"):
+        if ref and ref.startswith("recipe:"):
             dep = ref.removeprefix("recipe:")
             try:
-                find_recipe(dep, relative_to=Path(source).parent)
+                find_recipe(dep, relative_to=folder)
             except UserError:
-                problems.append(
-                    f"{at(key)}: {key}: no recipe '{dep}' to train first{did_you_mean(dep, shipped_recipes())}"
-                )
-        elif ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():
+                problems.append(f"{at(key)}: {key}: no recipe '{dep}' to train first{did_you_mean(dep, shipped_recipes())}")
+        elif ref and ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():
             problems.append(f"{at(key)}: {key}: directory '{ref}' does not exist")
-    if recipe.model.arch:
-        problems += _check_model_config(recipe, at)
     return problems
 
 
@@ -291,12 +381,13 @@ def _check_model_config(recipe: Recipe, at) -> list[str]:
 
 def _check_diffusion_config(recipe: Recipe, at) -> list[str]:
     """task diffusion: model.arch names a diffusers model class; model.config keys are parameters of its __init__."""
-    from hf_vram.builders.diffusion import ALL_ARCHS, DERIVED_KEYS, config_keys, model_class
+    from hf_vram.builders.diffusion import config_keys, model_class
+    from hf_vram.builders.diffusion_archs import ARCHS, DERIVED_KEYS
 
     arch = recipe.model.arch
-    if arch not in ALL_ARCHS:
-        return [f"{at('model.arch')}: model.arch: unknown diffusion architecture '{arch}'{did_you_mean(arch, ALL_ARCHS)}; "
-                f"one of {', '.join(ALL_ARCHS)}"]
+    if arch not in ARCHS:
+        return [f"{at('model.arch')}: model.arch: unknown diffusion architecture '{arch}'{did_you_mean(arch, ARCHS)}; "
+                f"one of {', '.join(ARCHS)}"]
     known = config_keys(arch)
     problems = []
     for key in recipe.model.config:

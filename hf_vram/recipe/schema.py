@@ -2,21 +2,85 @@
 
 Defaults suit a 12 GB card. An unknown key anywhere is an error (extra="forbid"), never a silent no-op.
 Types are checked in pydantic's lax mode so that YAML's `lr: 1e-4` (a string to YAML 1.1) and
-command-line overrides (`train.lr=1e-4`) still read as numbers.
+command-line overrides (`train.lr=1e-4`) still read as numbers; two things lax mode lets through are refused:
+a boolean where a number goes (`adapter.r: true` would be r 1) and a float that is inf or nan.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import types
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from hf_vram.builders.diffusion_archs import ARCHS, conditioning_problem
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
+# Upper bounds of sizes that need no model to check: far above any real run, low enough that a typo (an extra
+# group of zeros, a number pasted under the wrong key) is caught here instead of as an out-of-memory error or a
+# plan of a model that cannot exist. Sizes that depend on the model (a LoRA rank against the layer widths, the
+# sequence length against a position table) are checked against its config in model_checks.py.
+# 65,536: LoRA ranks, micro-batches, gradient accumulation and prompt lengths (the widest layers of released
+# models are under 65,536 wide; a micro-batch that large holds more sequences than any GPU can).
+MAX_COUNT = 65536
+# 2**24 = 16,777,216 tokens: sequence lengths and generated tokens (above the longest contexts of released
+# models, 10M tokens).
+MAX_TOKENS = 2**24
+# 2**21 = 2,097,152: a trained tokenizer's vocabulary (released vocabularies stop at 262,144).
+MAX_VOCAB = 2**21
+
+
+def _leaves(annotation: Any) -> list[Any]:
+    """The members of a field type, unions and Literals flattened (`Literal[4, 8] | None` -> [4, 8, NoneType])."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return list(typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return [leaf for arg in typing.get_args(annotation) for leaf in _leaves(arg)]
+    return [annotation]
+
+
+def _number_not_bool(annotation: Any) -> bool:
+    """A field type that takes numbers (int, float, or Literal numbers) and has no place for a boolean."""
+    leaves = _leaves(annotation)
+    if any(leaf is bool or leaf is Any or isinstance(leaf, bool) for leaf in leaves):
+        return False
+    return any(leaf in (int, float) or type(leaf) in (int, float) for leaf in leaves)
+
+
+def _non_finite(value: Any, path: str, parents: tuple[int, ...] = ()) -> str | None:
+    """The key path of the first inf or nan float inside a nested value (model.config), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    if not isinstance(value, dict | list):
+        return None
+    if id(value) in parents:
+        raise ValueError(f"{path}: holds itself (a recursive YAML alias, `&a {{x: *a}}`): write the values out")
+    for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+        found = _non_finite(item, f"{path}.{key}", (*parents, id(value)))
+        if found:
+            return found
+    return None
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no float field takes inf or nan (YAML's .inf and .nan, an override's train.lr=inf):
+    # a learning rate, a dropout or a warmup that is not a number trains to nan or never ends.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # Lax mode reads true as 1 and false as 0 for an int, float or Literal[1, 3] field (adapter.r: true would
+        # train at rank 1), and YAML reads an override's `adapter.r=true` as a boolean too.
+        if isinstance(value, bool) and _number_not_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"got {str(value).lower()}, a boolean where a number goes (true and false are not read "
+                             "as 1 and 0): write the number")
+        return value
 
 
 class ModelSection(Section):
@@ -32,6 +96,15 @@ class ModelSection(Section):
     dtype: Dtype = "auto"
     # Attention kernel; sdpa is torch's fused attention and works everywhere.
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+
+    @field_validator("config")
+    @classmethod
+    def _finite_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Its values are free-form (checked by the config class later), so allow_inf_nan does not reach them.
+        found = _non_finite(value, "model.config")
+        if found:
+            raise ValueError(f"{found}: not a finite number (inf and nan are not allowed): write a number")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
@@ -51,7 +124,7 @@ class TokenizerSection(Section):
     # (nanoGPT's shakespeare_char; vocab_size is then the number of distinct characters).
     kind: Literal["bpe", "char"] = "bpe"
     # Vocabulary size of a trained BPE tokenizer (special tokens included).
-    vocab_size: int = Field(8000, ge=260)
+    vocab_size: int = Field(8000, ge=260, le=MAX_VOCAB)
     # task pretrain: documents of the training data the tokenizer is trained on (the first ones).
     train_documents: int = Field(20000, ge=1)
 
@@ -76,7 +149,7 @@ class AdapterSection(Section):
     # llama-adapter = learned prompts with zero-init gates in the top layers (peft's adaption prompt, Llama/Mistral).
     type: Literal["none", "lora", "dora", "rslora", "llama-adapter"] = "none"
     # LoRA rank.
-    r: int = Field(16, ge=1)
+    r: int = Field(16, ge=1, le=MAX_COUNT)
     # LoRA scaling numerator (scale = alpha / r).
     alpha: int = Field(32, ge=1)
     # Dropout on the adapter input.
@@ -84,7 +157,7 @@ class AdapterSection(Section):
     # Which linear layers get an adapter: all-linear, or a list of module names (q_proj, v_proj, ...).
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     # llama-adapter: learned prompt tokens per adapted layer.
-    prompt_length: int = Field(10, ge=1)
+    prompt_length: int = Field(10, ge=1, le=MAX_COUNT)
     # llama-adapter: how many of the top layers get a prompt.
     prompt_layers: int = Field(30, ge=1)
 
@@ -146,10 +219,10 @@ class DataSection(Section):
             raise ValueError(f"got '{value}', expected auto, plain, chatml, or a Jinja chat template ({{% for message in messages %}}...)")
         return value
     # Longest sequence in tokens; longer samples are truncated.
-    max_length: int = Field(512, ge=8)
+    max_length: int = Field(512, ge=8, le=MAX_TOKENS)
     # task pretrain: a training sequence starts every block_stride tokens of the corpus; empty = max_length (each
     # token read once per epoch). 1 = every offset, as nanoGPT's random windows: for small corpora seen many times.
-    block_stride: int | None = Field(None, ge=1)
+    block_stride: int | None = Field(None, ge=1, le=MAX_TOKENS)
     # Pack several samples into each sequence (no padding waste).
     packing: bool = False
     # Also train on prompt and user tokens; by default only responses (every assistant turn) and EOS are trained.
@@ -162,9 +235,9 @@ class TrainSection(Section):
     # Where the output goes; empty = outputs/<recipe name>.
     output_dir: str | None = None
     # Sequences per forward pass on each device.
-    micro_batch_size: int = Field(4, ge=1)
+    micro_batch_size: int = Field(4, ge=1, le=MAX_COUNT)
     # Micro-batches summed before each optimizer step (global batch = micro x accum x devices).
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, le=MAX_COUNT)
     # Passes over the data (ignored when max_steps is set).
     epochs: float = Field(1.0, gt=0)
     # Stop after this many optimizer steps; empty = run `epochs`.
@@ -235,7 +308,7 @@ class EvalSection(Section):
     # OUTPUT_DIR/samples.jsonl: a model trained from scratch shows what it has learned as it goes.
     sample_during_training: bool = False
     # Tokens generated per prompt (scoring and samples).
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1, le=MAX_TOKENS)
 
 
 class DPOSection(Section):
@@ -357,12 +430,23 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         if self.task == "assemble":
-            if self.moe is None or not self.model.name_or_path:
-                raise ValueError("moe: task assemble needs a moe section (experts) and model.name_or_path (the base)")
-            if self.data is not None or self.quant.bits or self.adapter.type != "none":
-                raise ValueError("task: assemble trains nothing: leave out data, quant and adapter (fine-tune the "
-                                 "assembled model in a recipe with model.name_or_path: recipe:NAME)")
-            return self
+            return self._consistent_assemble()
+        self._sections_fit_task()
+        if self.task == "diffusion":
+            return self._consistent_diffusion()
+        self._consistent_language_model()
+        return self
+
+    def _consistent_assemble(self) -> Recipe:
+        if self.moe is None or not self.model.name_or_path:
+            raise ValueError("moe: task assemble needs a moe section (experts) and model.name_or_path (the base)")
+        if self.data is not None or self.quant.bits or self.adapter.type != "none":
+            raise ValueError("task: assemble trains nothing: leave out data, quant and adapter (fine-tune the "
+                             "assembled model in a recipe with model.name_or_path: recipe:NAME)")
+        return self
+
+    def _sections_fit_task(self) -> None:
+        """The sections every training task needs (data), and those that belong to another task (moe, diffusion)."""
         if self.moe is not None:
             raise ValueError("moe: the moe section is for task: assemble")
         if (self.task == "diffusion") != (self.diffusion is not None):
@@ -371,36 +455,50 @@ class Recipe(Section):
             raise ValueError("data.format: task diffusion trains on format images")
         if self.data is None:
             raise ValueError(f"data: task {self.task} needs a data section (data.source at least)")
-        if self.task == "diffusion":
-            return self._consistent_diffusion()
+
+    def _consistent_language_model(self) -> None:
+        """task sft, dpo and pretrain (data is there: _sections_fit_task)."""
+        self._check_quant()
+        self._check_dpo()
+        if self.tokenizer.train and not self.model.arch:
+            raise ValueError("tokenizer.train: a new vocabulary is only for a model built from scratch (model.arch)")
+        self._check_min_lr()
+        self._check_pretrain()
+        if self.model.arch and not self.tokenizer.train and not self.tokenizer.name_or_path:
+            raise ValueError("tokenizer.train: a model built from scratch needs a tokenizer: set tokenizer.train: true or tokenizer.name_or_path")
+
+    def _check_quant(self) -> None:
         if self.quant.bits and self.adapter.type == "none":
             raise ValueError("quant.bits: a quantized base cannot be trained in full: set adapter.type: lora (QLoRA)")
         if self.quant.bits and self.model.arch:
             raise ValueError("quant.bits: quantization applies to pretrained weights (model.name_or_path), not to a model built from scratch")
+
+    def _check_dpo(self) -> None:
         if (self.task == "dpo") != (self.data.format == "preference"):
             raise ValueError("data.format: task dpo trains on format preference, and format preference needs task: dpo")
         if self.task == "dpo" and self.train.fused_loss is False:
             raise ValueError("train.fused_loss: trl's DPOTrainer always scores its log-probabilities in tiles; "
                              "fused_loss: false is for task sft and pretrain")
-        if self.tokenizer.train and not self.model.arch:
-            raise ValueError("tokenizer.train: a new vocabulary is only for a model built from scratch (model.arch)")
+
+    def _check_min_lr(self) -> None:
         if (self.train.lr_scheduler == "cosine_with_min_lr") != (self.train.min_lr is not None):
             raise ValueError("train.min_lr: set it together with train.lr_scheduler: cosine_with_min_lr (and only then)")
-        if self.task == "pretrain" and self.data.format != "text":
+
+    def _check_pretrain(self) -> None:
+        if self.task != "pretrain":
+            return
+        if self.data.format != "text":
             raise ValueError(f"data.format: task pretrain reads plain text (format: text), not '{self.data.format}'")
-        if self.task == "pretrain" and self.data.eval_split:
+        if self.data.eval_split:
             raise ValueError("data.eval_split: task pretrain holds out data.val_size of the documents instead")
-        if self.data.source.startswith("builtin:") and self.task == "pretrain":
+        if self.data.source.startswith("builtin:"):
             raise ValueError("data.source: task pretrain reads a file, a URL or a Hub dataset; builtin sources are for task sft")
-        if self.model.arch and not self.tokenizer.train and not self.tokenizer.name_or_path:
-            raise ValueError("tokenizer.train: a model built from scratch needs a tokenizer: set tokenizer.train: true or tokenizer.name_or_path")
-        return self
 
     def _consistent_diffusion(self) -> Recipe:
         d, arch = self.diffusion, self.model.arch
         if not arch:
-            raise ValueError("model.arch: task diffusion builds its model from model.arch + model.config (unet2d, dit, "
-                             "unet2d-condition, pixart); fine-tuning a pretrained pipeline is not supported yet")
+            raise ValueError(f"model.arch: task diffusion builds its model from model.arch + model.config "
+                             f"({', '.join(ARCHS)}); fine-tuning a pretrained pipeline is not supported yet")
         if self.quant.bits or self.adapter.type != "none":
             raise ValueError("adapter.type: task diffusion trains every weight of a model built from scratch: leave out "
                              "quant and adapter")
@@ -408,18 +506,9 @@ class Recipe(Section):
             raise ValueError("train.lr_scheduler: two_stage is BitNet's language-model schedule")
         if (self.train.lr_scheduler == "cosine_with_min_lr") != (self.train.min_lr is not None):
             raise ValueError("train.min_lr: set it together with train.lr_scheduler: cosine_with_min_lr (and only then)")
-        if d.conditioning == "class" and arch not in ("unet2d", "dit"):
-            raise ValueError(f"diffusion.conditioning: class conditioning goes with arch unet2d or dit (got {arch})")
-        if arch == "dit" and d.conditioning != "class":
-            raise ValueError("diffusion.conditioning: arch dit is class-conditional: set conditioning: class")
-        if (d.conditioning == "text") != (arch in ("unet2d-condition", "pixart")):
-            raise ValueError(f"diffusion.conditioning: text conditioning goes with arch unet2d-condition or pixart "
-                             f"(got conditioning {d.conditioning} with arch {arch})")
-        if arch in ("dit", "pixart") and not d.vae:
-            # DiTPipeline and PixArtAlphaPipeline always decode with a VAE (builders/diffusion.py).
-            raise ValueError(f"diffusion.vae: arch {arch} is saved as a pipeline that decodes latents with a VAE: name a "
-                             "pretrained AutoencoderKL (e.g. stabilityai/sd-vae-ft-mse); unet2d and unet2d-condition "
-                             "also run in pixel space")
+        # The architectures' table says which conditioning each takes and which needs a VAE.
+        if (problem := conditioning_problem(arch, d.conditioning, d.vae)) is not None:
+            raise ValueError(problem)
         if d.cache_latents and not d.vae:
             raise ValueError("diffusion.cache_latents: caches the latents of a frozen VAE, and a pixel-space model "
                              "(no diffusion.vae) has none: name diffusion.vae or set cache_latents: false")

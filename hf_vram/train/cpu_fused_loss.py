@@ -175,7 +175,7 @@ def _recomputed_grads(ctx, hidden, weight, bias, targets, grad_logprobs, grad_en
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, (hidden, weight, bias)))
 
 
-# Set while hf-vram's own trainers compute a loss (train/guard.py): trl's trainers elsewhere in the process (a
+# Set while hf-vram's own trainers compute a loss (train/trainers.py): trl's trainers elsewhere in the process (a
 # benchmark's plain side) keep trl's kernel.
 _IN_HF_VRAM = contextvars.ContextVar("hf_vram_cpu_fused_head", default=False)
 
@@ -190,8 +190,8 @@ def cpu_fused_head():
 
 
 class _OnTheCPU:
-    """Stands where trl's fused forward looks up its kernel (trl.trainer.utils._ChunkedLogProbFunction, read at each
-    call): CPU tensors inside cpu_fused_head() go to CPUChunkedLogProbs, everything else to trl's own."""
+    """Stands where trl's fused forward looks up its kernel (trl 1.16: trl.trainer.utils._ChunkedLogProbFunction, read
+    at each call): CPU tensors inside cpu_fused_head() go to CPUChunkedLogProbs, everything else to trl's own."""
 
     trl_function = None
 

@@ -32,7 +32,7 @@ def apply_trainer_savings(trainer, recipe: Recipe) -> list[str]:
         from hf_vram.train.offload import offload_context
 
         # trl's SFT and DPO trainers run every training step inside this context (the pretraining trainer too,
-        # train/guard.py); creating it once keeps its pinned buffers and streams across steps.
+        # train/trainers.py); creating it once keeps its pinned buffers and streams across steps.
         trainer.maybe_activation_offload_context = offload_context(trainer.model)
         done.append("activation offloading to CPU memory")
     from hf_vram.vram.estimate import loss_uses_fused_head

@@ -37,7 +37,9 @@ from hf_vram.vram.estimate import (
     Plan,
     optimizer_bytes,
 )
+from hf_vram.vram.fitting import fit_search
 from hf_vram.vram.gpus import GPU
+from hf_vram.vram.report import item_lines, rough_duration
 
 # Model FLOPs utilisation assumed for time: convolutions at small resolutions and many small kernels keep a
 # diffusion step under a dense transformer's 40% (an assumption, not a measurement).
@@ -79,7 +81,7 @@ def text_encoder_config(ref: str):
     return config
 
 
-def _frozen_text_encoder(config):
+def frozen_text_encoder(config):
     from transformers import CLIPTextModel, T5EncoderModel
 
     return (T5EncoderModel if config.model_type == "t5" else CLIPTextModel)(config)
@@ -101,7 +103,7 @@ def image_count(loaded: LoadedRecipe) -> int | None:
     return min(n, d.max_samples) if d.max_samples else n
 
 
-class _Shapes:
+class DiffusionShapes:
     """What the step is built from: latent shape, the frozen parts' configs, the text encoder's width."""
 
     def __init__(self, loaded: LoadedRecipe):
@@ -161,9 +163,9 @@ class _Step(torch.nn.Module):
 
 def _peak_of(fn, fake_mode) -> int:
     """Peak live bytes of fn() above what was alive before (no gradients)."""
-    from hf_vram.vram.measure import _Tracker
+    from hf_vram.vram.measure import PeakTracker
 
-    tracker = _Tracker()
+    tracker = PeakTracker()
     try:
         with fake_mode, tracker, torch.no_grad():
             fn()
@@ -172,7 +174,7 @@ def _peak_of(fn, fake_mode) -> int:
         tracker.close()
 
 
-def measure_step(shapes: _Shapes, micro: int, checkpointing: bool, precision: str, fake: bool = True) -> dict:
+def measure_diffusion_step(shapes: DiffusionShapes, micro: int, checkpointing: bool, precision: str, fake: bool = True) -> dict:
     """One step of the recipe's model on fake tensors (real ones with fake=False, to check them): weights, fp32
     grads, the forward-backward peak and the optimizer step's (torch AdamW), and FLOPs per micro-batch."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -224,7 +226,7 @@ def measure_step(shapes: _Shapes, micro: int, checkpointing: bool, precision: st
             "flops": counter.get_total_flops()}
 
 
-def _frozen(shapes: _Shapes, micro: int, precision: str) -> tuple[list[Item], int, int, float]:
+def _frozen(shapes: DiffusionShapes, micro: int, precision: str) -> tuple[list[Item], int, int, float]:
     """Items of the frozen parts, the VAE's encoding peak above its weights, their parameters, and the FLOPs per
     micro-batch of encoding (VAE and frozen text encoder)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -256,7 +258,7 @@ def _frozen(shapes: _Shapes, micro: int, precision: str) -> tuple[list[Item], in
             flops += counter.get_total_flops()
     if shapes.text is not None:
         with torch.device("meta"):
-            encoder = _frozen_text_encoder(shapes.text)
+            encoder = frozen_text_encoder(shapes.text)
         n = sum(p.numel() for p in encoder.parameters())
         params += n
         items.append(Item("text encoder (frozen)", n * size, f"{n:,} parameters in {str(dtype).removeprefix('torch.')}"))
@@ -265,11 +267,11 @@ def _frozen(shapes: _Shapes, micro: int, precision: str) -> tuple[list[Item], in
     return items, encode_peak, params, flops
 
 
-def plan_diffusion(loaded: LoadedRecipe, gpu: GPU, shapes: _Shapes | None = None, images: int | None = -1) -> Plan:
+def plan_diffusion(loaded: LoadedRecipe, gpu: GPU, shapes: DiffusionShapes | None = None, images: int | None = -1) -> Plan:
     r = loaded.recipe
     t, d = r.train, r.diffusion
-    shapes = shapes or _Shapes(loaded)
-    m = measure_step(shapes, t.micro_batch_size, t.gradient_checkpointing, t.precision)
+    shapes = shapes or DiffusionShapes(loaded)
+    m = measure_diffusion_step(shapes, t.micro_batch_size, t.gradient_checkpointing, t.precision)
     frozen, encode_peak, frozen_params, encode_flops = _frozen(shapes, t.micro_batch_size, t.precision)
     n = m["trained"]
     opt, opt_note = optimizer_bytes(t.optimizer, n, 4)
@@ -317,16 +319,12 @@ def plan_diffusion(loaded: LoadedRecipe, gpu: GPU, shapes: _Shapes | None = None
 def fit_diffusion(loaded: LoadedRecipe, gpu: GPU) -> tuple[list[str], Plan]:
     """plan.fit_search for a diffusion recipe (its frozen parts' configs and image count read once); the 8-bit
     optimizer is bitsandbytes' AdamW8bit (the runner has no paged variant of its own)."""
-    from hf_vram.vram.plan import fit_search
-
-    shapes, images = _Shapes(loaded), image_count(loaded)
+    shapes, images = DiffusionShapes(loaded), image_count(loaded)
     return fit_search(loaded.recipe, lambda r: plan_diffusion(replace(loaded, recipe=r), gpu, shapes, images),
                       optimizer_8bit="adamw_8bit")
 
 
 def format_diffusion_plan(loaded: LoadedRecipe, plan: Plan) -> str:
-    from hf_vram.vram.plan import _duration, item_lines
-
     r = loaded.recipe
     s = plan.settings
     lines = [
@@ -341,8 +339,37 @@ def format_diffusion_plan(loaded: LoadedRecipe, plan: Plan) -> str:
     rate = (f"{plan.flops_per_token:.3g} FLOPs per image (measured) at {plan.mfu:.0%} MFU (assumed) of "
             f"{plan.gpu.bf16_tflops} TFLOPS bf16")
     if plan.seconds:
-        lines.append(f"  time: {plan.steps:,} steps x {plan.tokens_per_step:,} images, {rate}: {_duration(plan.seconds)}")
+        lines.append(f"  time: {plan.steps:,} steps x {plan.tokens_per_step:,} images, {rate}: {rough_duration(plan.seconds)}")
     else:
         per_step = plan.tokens_per_step * plan.flops_per_token / (plan.gpu.bf16_tflops * 1e12 * plan.mfu)
         lines.append(f"  time: {per_step:.2f} s per step of {plan.tokens_per_step:,} images, {rate} (dataset size unknown)")
     return "\n".join(lines)
+
+
+class DiffusionPlanner:
+    """The planner of task diffusion (hf_vram/tasks.py): a plan is a measurement of one step on fake tensors."""
+
+    def plan(self, loaded: LoadedRecipe, gpu: GPU) -> Plan:
+        return plan_diffusion(loaded, gpu)
+
+    def fit(self, loaded: LoadedRecipe, gpu: GPU) -> tuple[list[str], Plan]:
+        return fit_diffusion(loaded, gpu)
+
+    def format(self, loaded: LoadedRecipe, plan: Plan) -> str:
+        return format_diffusion_plan(loaded, plan)
+
+    def fix_hint(self, recipe) -> str:
+        return "lower data.images.resolution, use a VAE's latents (diffusion.vae) or a smaller model"
+
+    def longest(self, loaded: LoadedRecipe, gpu: GPU) -> str:
+        return "--longest: a diffusion recipe has no sequence length (its size is data.images.resolution)"
+
+    def measure(self, loaded: LoadedRecipe) -> str:
+        return "--measure: a diffusion plan is already a measurement (of one step on fake tensors at full size)"
+
+    def table_row(self, loaded: LoadedRecipe, gpu: GPU) -> dict:
+        from hf_vram.vram.report import fit_cell
+
+        plan = self.plan(loaded, gpu)
+        return {"kind": f"diffusion {loaded.recipe.model.arch}", **fit_cell(plan, lambda: self.fit(loaded, gpu)),
+                "longest_context": "-"}

@@ -42,7 +42,7 @@ class Measured:
         return asdict(self)
 
 
-class _Tracker(TorchDispatchMode):
+class PeakTracker(TorchDispatchMode):
     """Current and peak bytes of the live storages it knows about."""
 
     def __init__(self):
@@ -111,7 +111,7 @@ def _quant_state_tensors(qs, seen: set[int]):
             yield from _quant_state_tensors(v, seen)
 
 
-def _model_tensors(model: torch.nn.Module):
+def model_tensors(model: torch.nn.Module):
     seen: set[int] = set()
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -134,7 +134,7 @@ def _fake_mode_of(model: torch.nn.Module):
     """The FakeTensorMode the model's tensors belong to, or None for real tensors."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    tensors = list(_model_tensors(model))
+    tensors = list(model_tensors(model))
     modes = {id(t.fake_mode): t.fake_mode for t in tensors if isinstance(t, FakeTensor)}
     if not modes:
         return None
@@ -161,9 +161,9 @@ def measure_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Opt
     if fake and fake_mode is None:
         raise ValueError("fake=True needs a model built under FakeTensorMode (its parameters are real tensors)")
     params = [p for group in optimizer.param_groups for p in group["params"]] + list(model.parameters())
-    tracker = _Tracker()
+    tracker = PeakTracker()
     try:
-        for t in _model_tensors(model):
+        for t in model_tensors(model):
             tracker.track(t)
         weights = tracker.current
         opt_state = [t for t in tree_flatten(list(optimizer.state.values()))[0] if isinstance(t, torch.Tensor)]

@@ -1,13 +1,16 @@
-"""`hf-vram plan`, `--fit` and `hf-vram table`: the estimate of a recipe, printed, fitted to a card, tabulated."""
+"""The planner of the language-model tasks: the estimate of a recipe (estimate.py), printed, fitted to a card,
+its memory savings itemized, and the longest context that fits."""
 
 from __future__ import annotations
 
-from hf_vram.recipe.load import LoadedRecipe, load_recipe
+from hf_vram.recipe.load import LoadedRecipe
 from hf_vram.vram import estimate as estimate_module
 from hf_vram.vram.configs import resolve_config
 from hf_vram.vram.counts import Counts, count_parameters
-from hf_vram.vram.estimate import OPTIMIZERS_8BIT, GiB, Plan, estimate
+from hf_vram.vram.estimate import Plan, estimate
+from hf_vram.vram.fitting import fit_search
 from hf_vram.vram.gpus import GPU
+from hf_vram.vram.report import gib, item_lines, rough_duration
 
 
 def dataset_size(loaded: LoadedRecipe) -> int | None:
@@ -72,29 +75,6 @@ def format_longest(loaded: LoadedRecipe, gpu: GPU, inputs=None) -> str:
                      + (" train.fused_loss=true" if recipe.task != "dpo" else "")
                      + (" quant.unquantized_dtype=compute" if recipe.quant.bits else "") + ")")
     return "\n".join(lines)
-
-
-def fit_search(recipe, plan_of, optimizer_8bit: str = "paged_adamw_8bit") -> tuple[list[str], Plan]:
-    """The smallest change that makes the recipe fit: the largest micro-batch that fits (the global batch kept
-    through gradient accumulation), then gradient checkpointing, then an 8-bit optimizer. plan_of(recipe) plans a
-    candidate. Returns the overrides (empty when the recipe fits as it is, at its largest micro-batch) and the plan
-    they give."""
-    t = recipe.train
-    global_batch = t.micro_batch_size * t.grad_accum
-    micros = [m for m in range(global_batch, 0, -1) if global_batch % m == 0]
-    stages = [{}]
-    if not t.gradient_checkpointing:
-        stages.append({"gradient_checkpointing": True})
-    if t.optimizer not in OPTIMIZERS_8BIT:
-        stages.append({**stages[-1], "optimizer": optimizer_8bit})
-    last = None
-    for stage in stages:
-        for micro in micros:
-            change = {**stage, "micro_batch_size": micro, "grad_accum": global_batch // micro}
-            last = plan_of(recipe.model_copy(update={"train": t.model_copy(update=change)}))
-            if last.fits:
-                return [f"train.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items() if getattr(t, k) != v], last
-    return [], last
 
 
 def fit_overrides(loaded: LoadedRecipe, gpu: GPU, inputs=None) -> tuple[list[str], Plan]:
@@ -175,20 +155,6 @@ def longest_context(config, recipe, gpu: GPU, counts: Counts, limit: int = 1 << 
     return best
 
 
-def gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
-
-
-def item_lines(plan: Plan, when: str) -> list[str]:
-    """One line per item, then the peak with the verdict; `when` says where in the step the peak falls."""
-    width = max(len(i.name) for i in plan.items)
-    lines = [f"  {i.name:<{width}}  {gib(i.bytes):>10}  {i.note}" for i in plan.items]
-    spare = plan.usable - plan.total
-    verdict = f"fits, {gib(spare)} to spare" if plan.fits else f"does NOT fit: {gib(-spare)} over"
-    lines.append(f"  {'peak':<{width}}  {gib(plan.total):>10}  of {gib(plan.usable)}: {verdict} ({when})")
-    return lines
-
-
 def format_plan(loaded: LoadedRecipe, plan: Plan) -> str:
     r = loaded.recipe
     kind = (f"{r.adapter.type}" + (f", {r.quant.bits}-bit {r.quant.type if r.quant.bits == 4 else 'int8'} base" if r.quant.bits else "")
@@ -205,7 +171,7 @@ def format_plan(loaded: LoadedRecipe, plan: Plan) -> str:
     lines += [f"  note: {n}" for n in plan.notes]
     rate = f"{plan.flops_per_token:.3g} FLOPs/token at {plan.mfu:.0%} MFU of {plan.gpu.bf16_tflops} TFLOPS bf16"
     if plan.seconds:
-        lines.append(f"  time: {plan.steps:,} steps x {plan.tokens_per_step:,} tokens, {rate}: {_duration(plan.seconds)} "
+        lines.append(f"  time: {plan.steps:,} steps x {plan.tokens_per_step:,} tokens, {rate}: {rough_duration(plan.seconds)} "
                      "(every sample counted at data.max_length: an upper bound unless packed)")
     else:
         per_step = plan.tokens_per_step * plan.flops_per_token / (plan.gpu.bf16_tflops * 1e12 * plan.mfu)
@@ -213,109 +179,53 @@ def format_plan(loaded: LoadedRecipe, plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+class LMPlanner:
+    """The planner of tasks sft, dpo and pretrain (hf_vram/tasks.py); the CLI, the table and preflight call it."""
 
+    def __init__(self):
+        self._inputs: dict[int, tuple] = {}
 
-def table_rows(gpu: GPU) -> list[dict]:
-    """One row per shipped recipe: kind, parameters, predicted peak, whether it fits (and how, fitted), time."""
-    from hf_vram.recipe.load import shipped_recipes
+    def inputs(self, loaded: LoadedRecipe):
+        """planning_inputs, read once per recipe."""
+        if id(loaded) not in self._inputs:
+            self._inputs[id(loaded)] = (loaded, planning_inputs(loaded))
+        return self._inputs[id(loaded)][1]
 
-    rows = []
-    for name, path in shipped_recipes().items():
-        loaded = load_recipe(str(path))
-        r = loaded.recipe
-        if r.task == "assemble":
-            # Nothing trains: the experts are copied into one model on the CPU; its fine-tune has its own row.
-            config = resolve_config(loaded)
-            rows.append({"recipe": name, "kind": "assemble", "parameters": count_parameters(config, r).total,
-                         "predicted_peak_gib": "-", "fits": "-", "predicted_hours": None, "longest_context": "-"})
-            continue
-        if r.task == "diffusion":
-            from hf_vram.vram.diffusion_plan import fit_diffusion, plan_diffusion
+    def plan(self, loaded: LoadedRecipe, gpu: GPU) -> Plan:
+        return plan_recipe(loaded, gpu, self.inputs(loaded))
 
-            plan = plan_diffusion(loaded, gpu)
-            fitted = "" if plan.fits else " ".join(fit_diffusion(loaded, gpu)[0]) or "no setting fits"
-            rows.append({"recipe": name, "kind": f"diffusion {r.model.arch}", "parameters": plan.params,
-                         "predicted_peak_gib": round(plan.total / GiB, 2),
-                         "fits": "yes" if plan.fits else ("with " + fitted if fitted != "no setting fits" else "no"),
-                         "predicted_hours": round(plan.seconds / 3600, 2) if plan.seconds else None,
-                         "longest_context": "-"})
-            continue
-        inputs = planning_inputs(loaded)
-        plan = plan_recipe(loaded, gpu, inputs)
-        fitted = "" if plan.fits else " ".join(fit_overrides(loaded, gpu, inputs)[0]) or "no setting fits"
-        rows.append({
-            "recipe": name,
-            "kind": r.task + (f" {r.adapter.type}" if r.adapter.type != "none" else " full") + (f" {r.quant.bits}-bit" if r.quant.bits else ""),
-            "parameters": plan.params,
-            "predicted_peak_gib": round(plan.total / GiB, 2),
-            "fits": "yes" if plan.fits else ("with " + fitted if fitted != "no setting fits" else "no"),
-            "predicted_hours": round(plan.seconds / 3600, 2) if plan.seconds else None,
+    def fit(self, loaded: LoadedRecipe, gpu: GPU) -> tuple[list[str], Plan]:
+        return fit_overrides(loaded, gpu, self.inputs(loaded))
+
+    def format(self, loaded: LoadedRecipe, plan: Plan) -> str:
+        return format_plan(loaded, plan)
+
+    def fix_hint(self, recipe) -> str:
+        """What to change when no micro-batch, checkpointing or optimizer setting fits."""
+        if recipe.model.arch:
+            return "shorten data.max_length or build a smaller model (model.config)"
+        if recipe.quant.bits == 4:
+            return "shorten data.max_length or choose a smaller base model"
+        if recipe.adapter.type == "none":
+            return "shorten data.max_length or train an adapter on a quantized base (adapter.type: lora, quant.bits: 4)"
+        return "shorten data.max_length or quantize the base (quant.bits: 4)"
+
+    def longest(self, loaded: LoadedRecipe, gpu: GPU) -> str:
+        return format_longest(loaded, gpu, self.inputs(loaded))
+
+    def measure(self, loaded: LoadedRecipe) -> str:
+        from hf_vram.vram.compare import measure_and_compare
+
+        return measure_and_compare(loaded)
+
+    def table_row(self, loaded: LoadedRecipe, gpu: GPU) -> dict:
+        from hf_vram.vram.report import fit_cell
+
+        r, inputs = loaded.recipe, self.inputs(loaded)
+        plan = self.plan(loaded, gpu)
+        return {
+            "kind": r.task + (f" {r.adapter.type}" if r.adapter.type != "none" else " full")
+            + (f" {r.quant.bits}-bit" if r.quant.bits else ""),
+            **fit_cell(plan, lambda: self.fit(loaded, gpu)),
             "longest_context": longest_context(inputs[0], r, gpu, inputs[1]),
-        })
-    return rows
-
-
-def format_table(rows: list[dict], gpu: GPU) -> tuple[str, str]:
-    """(markdown, csv) of table_rows."""
-    import csv
-    import io
-
-    cols = list(rows[0])
-    md = [f"Shipped recipes on {gpu.name} (predicted by `hf-vram plan`)", "", "| " + " | ".join(cols) + " |",
-          "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in cols) + " |" for r in rows]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=cols)
-    writer.writeheader()
-    writer.writerows(rows)
-    return "\n".join(md), buf.getvalue()
-
-
-def preflight(loaded: LoadedRecipe, gpu: GPU) -> LoadedRecipe:
-    """Before training on a GPU: the recipe as it is when predicted to fit; fitted when train.auto_fit; else an
-    error saying what to change."""
-    from hf_vram.errors import UserError
-
-    if loaded.recipe.task == "diffusion":
-        from hf_vram.vram.diffusion_plan import fit_diffusion, plan_diffusion
-
-        plan = plan_diffusion(loaded, gpu)
-        fix = "lower data.images.resolution, use a VAE's latents (diffusion.vae) or a smaller model"
-        refit = lambda: fit_diffusion(loaded, gpu)  # noqa: E731
-    else:
-        inputs = planning_inputs(loaded)
-        plan = plan_recipe(loaded, gpu, inputs)
-        fix = "shorten data.max_length or quantize the base (quant.bits: 4)"
-        refit = lambda: fit_overrides(loaded, gpu, inputs)  # noqa: E731
-    if plan.fits:
-        return loaded
-    changes, fitted = refit()
-    over = f"{gib(plan.total - plan.usable)} over the {gib(plan.usable)} of {gpu.name}"
-    if not changes or fitted is None or not fitted.fits:
-        raise UserError(f"{loaded.name} is predicted to need {gib(plan.total)}, {over}, and no micro-batch, "
-                        f"checkpointing or optimizer setting fits: {fix}")
-    if not loaded.recipe.train.auto_fit:
-        raise UserError(f"{loaded.name} is predicted to need {gib(plan.total)}, {over}; it fits with: {' '.join(changes)} "
-                        f"(add them to the command line, or set train.auto_fit: true); see `hf-vram plan {loaded.name} --fit`")
-    print(f"[hf-vram] {loaded.name}: predicted {gib(plan.total)} does not fit {gpu.name}; auto_fit: {' '.join(changes)} "
-          f"(predicted {gib(fitted.total)})", flush=True)
-    import dataclasses
-
-    import yaml
-
-    update = {c.split("=", 1)[0].removeprefix("train."): yaml.safe_load(c.split("=", 1)[1]) for c in changes}
-    train = loaded.recipe.train.model_copy(update=update)
-    return dataclasses.replace(loaded, recipe=loaded.recipe.model_copy(update={"train": train}))
-
-
-def current_gpu() -> GPU:
-    """The CUDA device of this process as a planning target (its own memory; a known card's rate when named)."""
-    import torch
-
-    from hf_vram.vram.gpus import GPUS
-
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    known = next((g for g in GPUS.values() if g.name.split()[1] in props.name), None)
-    return GPU(props.name, props.total_memory / GiB, known.bf16_tflops if known else 100.0)
+        }

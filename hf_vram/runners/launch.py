@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from hf_vram.recipe.load import LoadedRecipe
-from hf_vram.train.lm import resolve_dependencies
+from hf_vram.runners.run import train_dependencies
 
 
 def launch_command(recipe_ref: str, overrides: list[str], nproc: int, accelerate_config: str | None = None) -> list[str]:
@@ -24,7 +24,7 @@ def launch_command(recipe_ref: str, overrides: list[str], nproc: int, accelerate
 
 def launch(loaded: LoadedRecipe, recipe_ref: str, overrides: list[str], nproc: int, accelerate_config: str | None) -> int:
     """Train the recipe's dependencies here (one process), then the recipe itself in nproc processes."""
-    resolve_dependencies(loaded)
+    train_dependencies(loaded)
     cmd = launch_command(recipe_ref, overrides, nproc, accelerate_config)
     print(f"[hf-vram] launching {nproc} processes: {' '.join(cmd)}", flush=True)
     return subprocess.call(cmd)

@@ -30,14 +30,19 @@ def memory_now() -> dict:
     return {"cpu_rss_bytes": _rss_bytes()}
 
 
+def log_memory(output_dir: Path, step: int) -> None:
+    """Append this optimizer step's line to OUTPUT_DIR/memory.jsonl (main process only)."""
+    with open(Path(output_dir) / "memory.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **memory_now()}) + "\n")
+
+
 class MemoryLog(TrainerCallback):
     def __init__(self, output_dir: Path):
-        self.path = Path(output_dir) / "memory.jsonl"
+        self.output_dir = Path(output_dir)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": state.global_step, **memory_now()}) + "\n")
+            log_memory(self.output_dir, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs and torch.cuda.is_available():

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-from hf_vram.recipe.schema import Recipe
 
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -55,8 +54,11 @@ def train_char(texts: Iterable[str], model_max_length: int) -> PreTrainedTokeniz
     )
 
 
-def load_tokenizer(recipe: Recipe, tokenizer_path: str | None, texts: Iterable[str] | None = None):
-    """The recipe's tokenizer, with a pad token (causal LMs often lack one; EOS is the usual stand-in)."""
+def load_tokenizer(recipe: Any, tokenizer_path: str | None, texts: Iterable[str] | None = None):
+    """The recipe's tokenizer, with a pad token (causal LMs often lack one; EOS is the usual stand-in).
+
+    `recipe` is read by attribute only (a validated recipe, or any object of that shape):
+    recipe.tokenizer.train, .kind ("char", else BPE), .vocab_size, and recipe.data.max_length."""
     if recipe.tokenizer.train:
         if texts is None:
             raise ValueError("training a tokenizer needs the training texts")

@@ -9,6 +9,7 @@ newer one is marked.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from hf_vram.atomic import atomic_write_json, fsync_tree
+from data_prep.atomic import atomic_write_json, fsync_tree
 
 COMPLETE_MARKER = "hf_vram_complete.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -50,6 +51,21 @@ def discard_incomplete(output_dir: str | Path) -> list[Path]:
     return removed
 
 
+def commit_checkpoint(path: Path, step: int, keep: int) -> None:
+    """A checkpoint whose files are all written: flush them, mark it complete, then remove the complete ones older
+    than the newest `keep` (train.save_total_limit). Called on the main process only."""
+    fsync_tree(path)
+    atomic_write_json(path / COMPLETE_MARKER, {"step": step})
+    complete = [p for _, p, ok in checkpoints(path.parent) if ok]
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def completed_step(path: Path) -> int:
+    """The optimizer step a complete checkpoint was written at."""
+    return json.loads((path / COMPLETE_MARKER).read_text())["step"]
+
+
 class CommitCheckpoints(TrainerCallback):
     """After the Trainer saved checkpoint-N on every rank: flush, mark complete, then rotate."""
 
@@ -60,10 +76,5 @@ class CommitCheckpoints(TrainerCallback):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank has written its own RNG state file
         if state.is_world_process_zero:
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            fsync_tree(path)
-            atomic_write_json(path / COMPLETE_MARKER, {"step": state.global_step})
-            complete = [p for _, p, ok in checkpoints(args.output_dir) if ok]
-            for old in complete[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            commit_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.keep)
         return control

@@ -1,19 +1,13 @@
-"""The model card (README.md) written into every output directory, with Hub metadata.
-
-Only what the recipe and the run's summary hold is shown: a value the summary lacks is left out, never
-guessed. `hf-vram push` (hf_vram/hub.py) points the usage line at the repository pushed to.
-"""
+"""The model card of a language-model output: a fine-tune (adapter or full) or a model trained from scratch."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from hf_vram.output.cards.common import duration_text, hub_id, num, peak_memory_text, table
 from hf_vram.recipe.load import LoadedRecipe
-
-GIB = 2**30
 
 # Tags per adapter type; the LoRA variants keep `lora` so that the Hub's LoRA filters find them.
 _ADAPTER_TAGS = {
@@ -23,45 +17,6 @@ _ADAPTER_TAGS = {
     "llama-adapter": ["llama-adapter"],
 }
 _ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA"}
-
-
-def _hub_id(ref: str | None) -> str | None:
-    """A Hub id for card metadata, or None for local paths, recipe dependencies and builtin data."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    from data_prep.sources import LOADERS
-
-    if not ref or ref.startswith(("recipe:", "builtin:", ".", "/", "~")) or ref.endswith(tuple(LOADERS)):
-        return None
-    if Path(ref).expanduser().exists():
-        return None
-    try:
-        validate_repo_id(ref)
-    except HFValidationError:
-        return None
-    return ref
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h} h {m:02d} min" if h else (f"{m} min {s:02d} s" if m else f"{s} s")
-
-
-def _peak_memory(summary: dict) -> str | None:
-    if "cuda_max_allocated_bytes" in summary:
-        text = f"{summary['cuda_max_allocated_bytes'] / GIB:.2f} GiB of GPU memory allocated by tensors"
-        if "cuda_max_reserved_bytes" in summary:
-            text += f" ({summary['cuda_max_reserved_bytes'] / GIB:.2f} GiB reserved by PyTorch's allocator)"
-        return text
-    if "cpu_process_max_rss_bytes" in summary:
-        return f"{summary['cpu_process_max_rss_bytes'] / GIB:.2f} GiB resident memory of the training process (CPU run)"
-    return None
-
-
-def _num(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _tags(loaded: LoadedRecipe) -> list[str]:
@@ -105,8 +60,12 @@ def _what(loaded: LoadedRecipe) -> str:
 
 
 def _training_rows(loaded: LoadedRecipe, summary: dict) -> list[tuple[str, object]]:
+    return [*_setup_rows(loaded, summary), *_result_rows(summary)]
+
+
+def _setup_rows(loaded: LoadedRecipe, s: dict) -> list[tuple[str, object]]:
+    """What was trained, on what, how."""
     r = loaded.recipe
-    s = summary
     rows: list[tuple[str, object]] = [
         ("recipe", f"`{s.get('recipe', loaded.name)}` (task {r.task})"),
         ("data", f"`{r.data.source}` ({r.data.format}, max length {r.data.max_length}, packing {r.data.packing})"),
@@ -118,26 +77,28 @@ def _training_rows(loaded: LoadedRecipe, summary: dict) -> list[tuple[str, objec
     rows.append(
         ("global batch", f"{r.train.micro_batch_size} x {r.train.grad_accum} x {s.get('world_size', 1)} process(es)")
     )
-    rows += [("learning rate", f"{r.train.lr} ({r.train.lr_scheduler})"), ("optimizer", r.train.optimizer)]
-    if s.get("first_loss") is not None:
-        rows.append(("first training loss", _num(s["first_loss"])))
-    if s.get("final_loss") is not None:
-        rows.append(("final training loss", _num(s["final_loss"])))
-    if s.get("eval_loss") is not None:
-        rows.append(("held-out loss", _num(s["eval_loss"])))
-    if s.get("eval_perplexity") is not None:
-        rows.append(("held-out perplexity", _num(s["eval_perplexity"])))
+    return rows + [("learning rate", f"{r.train.lr} ({r.train.lr_scheduler})"), ("optimizer", r.train.optimizer)]
+
+
+# Summary values shown as they are: (key, row name).
+_PLAIN_ROWS = (("first_loss", "first training loss"), ("final_loss", "final training loss"),
+               ("eval_loss", "held-out loss"), ("eval_perplexity", "held-out perplexity"))
+
+
+def _result_rows(s: dict) -> list[tuple[str, object]]:
+    """What the run measured."""
+    rows: list[tuple[str, object]] = [(name, num(s[key])) for key, name in _PLAIN_ROWS if s.get(key) is not None]
     if s.get("final_reward_margin") is not None:
-        start = f"{_num(s['first_reward_margin'])} -> " if s.get("first_reward_margin") is not None else ""
-        rows.append(("DPO reward margin (chosen - rejected)", start + _num(s["final_reward_margin"])))
+        start = f"{num(s['first_reward_margin'])} -> " if s.get("first_reward_margin") is not None else ""
+        rows.append(("DPO reward margin (chosen - rejected)", start + num(s["final_reward_margin"])))
     if s.get("eval_rewards/accuracies") is not None:
         rows.append(("held-out preference accuracy", f"{s['eval_rewards/accuracies']:.1%}"))
     if "trainable_params" in s and "total_params" in s:
         rows.append(("trainable / total parameters", f"{s['trainable_params']:,} / {s['total_params']:,}"))
-    if (memory := _peak_memory(s)) is not None:
+    if (memory := peak_memory_text(s)) is not None:
         rows.append(("peak memory", memory))
     if s.get("train_seconds") is not None:
-        rows.append(("training time", _duration(s["train_seconds"]) + f" on {s.get('world_size', 1)} process(es)"))
+        rows.append(("training time", duration_text(s["train_seconds"]) + f" on {s.get('world_size', 1)} process(es)"))
     return rows
 
 
@@ -170,11 +131,11 @@ def _usage(loaded: LoadedRecipe, model_ref: str, prompt: str) -> str:
     return head + f'print(pipe({json.dumps(prompt)}, max_new_tokens={n}, return_full_text=False)[0]["generated_text"])'
 
 
-def model_card(loaded: LoadedRecipe, summary: dict) -> ModelCard:
+def lm_card(loaded: LoadedRecipe, summary: dict) -> str:
     r = loaded.recipe
     adapter = r.adapter.type != "none"
-    base = _hub_id(r.model.name_or_path)
-    dataset = _hub_id(r.data.source)
+    base = hub_id(r.model.name_or_path)
+    dataset = hub_id(r.data.source)
     data = ModelCardData(
         library_name="peft" if adapter else "transformers",
         pipeline_tag="text-generation",
@@ -192,7 +153,7 @@ def model_card(loaded: LoadedRecipe, summary: dict) -> ModelCard:
             f"\nThe adapter's base is `{r.model.name_or_path}`, which is not a Hub model: `adapter_config.json` "
             "names it as `base_model_name_or_path`, and loading needs that base at that path.\n"
         )
-    rows = "\n".join(f"| {k} | {v} |" for k, v in _training_rows(loaded, summary))
+    rows = table(_training_rows(loaded, summary))
     scores = ""
     if "score_before" in summary and "score_after" in summary:
         b, a = summary["score_before"], summary["score_after"]
@@ -219,8 +180,7 @@ This is {_what(loaded)}. It was trained with hf-vram from the recipe `{loaded.na
 {base_note}
 ## Training
 
-| setting | value |
-|---|---|
 {rows}
 {scores}"""
-    return ModelCard(text)
+    # Through ModelCard, which renders the metadata as the Hub reads it.
+    return str(ModelCard(text))
