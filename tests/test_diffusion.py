@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -326,3 +327,29 @@ def test_text_to_image_trains_saves_and_loads(tmp_path, arch, config, pipeline):
         two = pipe(["a handwritten digit 3", "a handwritten digit 5"], num_inference_steps=2,
                    generator=[torch.Generator().manual_seed(0) for _ in range(2)], output_type="np").images
         assert two.shape == (2, 16, 16, 1) and np.abs(two[0] - two[1]).max() > 1e-3
+
+
+def test_checkpoints_rotate_to_save_total_limit(tmp_path):
+    """The diffusion loop commits and rotates checkpoints as the Trainer path does: the newest
+    train.save_total_limit complete ones are kept, and no temporary folder is left."""
+    out = tmp_path / "out"
+    path = write_recipe(tmp_path, "unet", unet_recipe(out, max_steps=40, save_steps=10, save_total_limit=2))
+    summary = train(load_recipe(str(path)))
+    assert summary["global_step"] == 40
+    kept = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
+    assert kept == ["checkpoint-20", "checkpoint-30"]
+    assert all((out / name / "hf_vram_complete.json").is_file() for name in kept)
+
+
+def test_non_finite_loss_stops_the_diffusion_loop_naming_the_step(tmp_path, capsys):
+    """An absurd learning rate blows the weights up at the first update: the run stops with the step named, the
+    exit code 1 and no traceback, and nothing is saved as finished."""
+    from hf_vram.cli import main
+
+    out = tmp_path / "out"
+    path = write_recipe(tmp_path, "unet", unet_recipe(out, max_steps=10, lr=1e30, max_grad_norm=0))
+    assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "hf-vram: training stopped: loss is" in err and "lower train.lr" in err
+    assert re.search(r"loss is (nan|inf|-inf) at step [23];", err), err
+    assert not (out / "train_summary.json").exists()

@@ -51,12 +51,16 @@ def discard_incomplete(output_dir: str | Path) -> list[Path]:
     return removed
 
 
-def commit_checkpoint(path: Path, step: int, keep: int) -> None:
-    """A checkpoint whose files are all written: flush them, mark it complete, then remove the complete ones older
-    than the newest `keep` (train.save_total_limit). Called on the main process only."""
+def mark_complete(path: Path, step: int) -> None:
+    """A checkpoint whose files are all written: flush them, then mark it complete (main process only)."""
     fsync_tree(path)
     atomic_write_json(path / COMPLETE_MARKER, {"step": step})
-    complete = [p for _, p, ok in checkpoints(path.parent) if ok]
+
+
+def rotate(output_dir: Path, keep: int) -> None:
+    """Remove the complete checkpoints older than the newest `keep` (train.save_total_limit); called only after the
+    newest one is marked."""
+    complete = [p for _, p, ok in checkpoints(output_dir) if ok]
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -76,5 +80,6 @@ class CommitCheckpoints(TrainerCallback):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank has written its own RNG state file
         if state.is_world_process_zero:
-            commit_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.keep)
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+            rotate(Path(args.output_dir), self.keep)
         return control

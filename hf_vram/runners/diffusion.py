@@ -27,7 +27,7 @@ import torch
 
 from data_prep.atomic import atomic_write_text
 from hf_vram.errors import UserError
-from hf_vram.output.checkpoints import commit_checkpoint, completed_step, discard_incomplete, latest_complete
+from hf_vram.output.checkpoints import completed_step, discard_incomplete, latest_complete, mark_complete, rotate
 from hf_vram.output.finite import FiniteLossWatch
 from hf_vram.output.loss_history import LossHistory
 from hf_vram.output.memory import log_memory
@@ -57,9 +57,10 @@ def save_state_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        mark_complete(tmp, step)
         shutil.rmtree(final, ignore_errors=True)
-        commit_checkpoint(tmp, step, keep=keep + 1)  # the temporary folder is not counted among the kept ones
         os.replace(tmp, final)
+        rotate(out, keep)
     accelerator.wait_for_everyone()
 
 
