@@ -88,7 +88,7 @@ def run_plain(loaded, steps: int) -> tuple[float, float]:
     noise_scheduler = DDPMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
                                     prediction_type=d.prediction_type)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, t.adam_beta2), weight_decay=t.weight_decay)
-    warmup = int(t.warmup * steps) if t.warmup < 1 else int(t.warmup)
+    warmup = math.ceil(t.warmup * steps) if t.warmup < 1 else int(t.warmup)  # transformers' rule, as the runner
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     ema = EMAModel(model.parameters(), decay=d.ema_decay, model_cls=UNet2DModel, model_config=model.config) if d.ema else None
     loader = torch.utils.data.DataLoader(data.dataset, batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate,

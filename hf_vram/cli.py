@@ -170,8 +170,8 @@ def _cmd_plan(args) -> int:
     loaded = load_recipe(args.recipe, args.overrides)
     planner = task_of(loaded.recipe).make_planner()
     if planner is None:
-        print(f"{loaded.name}: task {loaded.recipe.task} trains nothing (the experts are copied into one model on the "
-              "CPU); plan the recipe that fine-tunes its output (model.name_or_path: recipe:NAME)")
+        print(f"{loaded.name}: task {loaded.recipe.task} trains nothing on the GPU ({task_of(loaded.recipe).summary}); "
+              "plan the recipe that trains its output (model.name_or_path: recipe:NAME)")
         return 0
     plan = planner.plan(loaded, gpu)
     print(planner.format(loaded, plan))

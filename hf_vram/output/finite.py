@@ -4,8 +4,19 @@ weights into a checkpoint). Shared by the Trainer-based runners (hf_vram/train/t
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from hf_vram.errors import TrainingStopped
+
+
+def _on_every_rank(finite: torch.Tensor) -> bool:
+    """Whether the losses were finite on every process: all of them stop together, or none does (a process left
+    running would wait in its next collective for the ones that stopped). Every rank checks at the same points."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = finite.to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+    return bool(finite)
 
 
 class FiniteLossWatch:
@@ -31,11 +42,15 @@ class FiniteLossWatch:
         """Raise TrainingStopped if a loss recorded since the last check was inf or nan."""
         if self._finite is None:
             return
-        finite, first, last = bool(self._finite), self._first, self._last
+        here = bool(self._finite)
+        finite, first, last = _on_every_rank(self._finite), self._first, self._last
         self._finite = self._first = self._last = None
         if not finite:
             at = f"at step {last}" if loss is not None or first == last else f"between steps {first} and {last}"
-            value = f"loss is {loss.item()}" if loss is not None else "the loss became inf or nan"
+            if here:
+                value = "the loss of another process became inf or nan"
+            else:
+                value = f"loss is {loss.item()}" if loss is not None else "the loss became inf or nan"
             raise TrainingStopped(
                 f"{value} {at}; lower train.lr, check the data, or use train.precision: fp32. Re-running resumes "
                 f"from the last complete checkpoint in {self.output_dir}"

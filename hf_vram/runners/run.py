@@ -17,7 +17,8 @@ def train(loaded: LoadedRecipe) -> dict:
         log(f"{loaded.name} is already trained in {loaded.output_dir}; remove that directory or set "
             "train.output_dir=... to train again")
         return read_summary(loaded.output_dir)
-    train_dependencies(loaded)
+    # Planned first (a dependency not trained yet is planned from its own recipe), so that a recipe that cannot fit
+    # is refused before its dependencies train.
     return finish(setup(_preflight(loaded)))
 
 

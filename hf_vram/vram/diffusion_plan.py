@@ -317,8 +317,8 @@ def plan_diffusion(loaded: LoadedRecipe, gpu: GPU, shapes: DiffusionShapes | Non
 
 
 def fit_diffusion(loaded: LoadedRecipe, gpu: GPU) -> tuple[list[str], Plan]:
-    """plan.fit_search for a diffusion recipe (its frozen parts' configs and image count read once); the 8-bit
-    optimizer is bitsandbytes' AdamW8bit (the runner has no paged variant of its own)."""
+    """fitting.fit_search for a diffusion recipe (its frozen parts' configs and image count read once); the 8-bit
+    optimizer it tries is bitsandbytes' adamw_8bit (paging would only move states the card still has room for)."""
     shapes, images = DiffusionShapes(loaded), image_count(loaded)
     return fit_search(loaded.recipe, lambda r: plan_diffusion(replace(loaded, recipe=r), gpu, shapes, images),
                       optimizer_8bit="adamw_8bit")
