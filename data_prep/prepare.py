@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,10 @@ from pathlib import Path
 from data_prep.atomic import atomic_write_json
 from data_prep.errors import DataError
 from data_prep.formats import Pair, to_examples
+from data_prep.mixture import hold_out, mixture_examples
 from data_prep.sources import read_records
 from data_prep.tokenize import IGNORE, tokenize_examples
+from data_prep.unpaired import check_both_labels, label_counts, unpaired_examples, unpaired_rows
 
 # Bump when tokenization or masking changes: old caches are then ignored.
 FORMAT_VERSION = 1
@@ -31,26 +32,34 @@ class Examples:
     # Record numbers of the examples in their source (messages name the record a user can find in the file).
     train_index: list[int] = field(default_factory=list)
     eval_index: list[int] = field(default_factory=list)
+    # A mixture (data.sources): per source {source, format, records, train, eval}, the samples it gave each split.
+    sources: list[dict] = field(default_factory=list)
 
 
 def load_examples(data, seed: int) -> Examples:
-    """Records of the recipe's source, checked against data.format, with the held-out part split off."""
+    """Records of the recipe's source, checked against data.format, with the held-out part split off; for a
+    mixture (data.sources), every source's, mixed (data_prep/mixture.py)."""
+    if getattr(data, "sources", None):
+        m = mixture_examples(data, seed)
+        return Examples(m.train, m.eval, m.train_index, m.eval_index, m.sources)
+
     def read(split):
         records = read_records(data.source, data.format, split, data.subset)
-        examples = to_examples(records, data.format, data.source, data.template, data.text_field, data.placeholders)
+        if data.format == "unpaired":
+            examples = unpaired_examples(records, data.source, data.placeholders)
+        else:
+            examples = to_examples(records, data.format, data.source, data.template, data.text_field, data.placeholders)
         return examples[: data.max_samples] if data.max_samples else examples
 
     train = read(data.split)
+    if data.format == "unpaired":
+        check_both_labels(train, data.source)
     if data.eval_split:
         held = read(data.eval_split)
         return Examples(train, held, list(range(len(train))), list(range(len(held))))
     if data.val_size:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, round(len(train) * data.val_size))
-        held = set(order[:n_eval])
-        kept = [i for i in range(len(train)) if i not in held]
-        return Examples([train[i] for i in kept], [train[i] for i in sorted(held)], kept, sorted(held))
+        kept, held = hold_out(train, data.val_size, seed)
+        return Examples([train[i] for i in kept], [train[i] for i in held], kept, held)
     return Examples(train, [], list(range(len(train))), [])
 
 
@@ -119,13 +128,16 @@ def prepare_dataset(examples: Examples, tokenizer, data, cache_root: Path | None
             rows = preference_rows(exs)
             # Pairs are tokenized (and cut) by the DPO trainer; only their number is known here.
             counts[split] = {"pairs": len(rows)}
+        elif data.format == "unpaired":
+            # Tokenized by the KTO trainer too; the numbers of desirable and undesirable answers are known here.
+            rows, counts[split] = unpaired_rows(exs), label_counts(exs)
         else:
-            rows, c = tokenize_examples(exs, tokenizer, data, data.source, index)
+            rows, c = tokenize_examples(exs, tokenizer, data, _source_label(data), index)
             counts[split] = c.as_dict()
         if rows:
             built[split] = datasets.Dataset.from_list(rows)
     if "train" not in built:
-        raise DataError(f"{data.source}: no sample keeps a trained token (all {counts['train']['dropped']} dropped); "
+        raise DataError(f"{_source_label(data)}: no sample keeps a trained token (all {counts['train']['dropped']} dropped); "
                         "check data.max_length and data.train_on_prompt")
     if cache:
         # Written beside the final name, then renamed: a killed preparation leaves no cache that looks complete.
@@ -161,3 +173,9 @@ def format_sample(row: dict, tokenizer, color: bool) -> str:
         run.append(tok)
     flush()
     return "".join(out)
+
+
+def _source_label(data) -> str:
+    """What an error names as the data: the source, or a mixture's sources."""
+    sources = getattr(data, "sources", None)
+    return ", ".join(s.source for s in sources) if sources else data.source

@@ -91,21 +91,27 @@ def _cmd_prepare(args) -> int:
     from data_prep.prepare import format_sample
     from hf_vram.recipe.load import load_recipe
     from hf_vram.recipe.references import References
-    from hf_vram.runners.lm_data import prepare_data
+    from hf_vram.runners.lm_data import prepare_data, refuse_corpus_mixture
     from hf_vram.runners.run import train_dependencies
 
     loaded = load_recipe(args.recipe, args.overrides)
     train_dependencies(loaded)
     tokenizer_path = References.of(loaded).tokenizer
     if loaded.recipe.task == "pretrain":
+        refuse_corpus_mixture(loaded.recipe)
         return _prepare_corpus(loaded, tokenizer_path, args.inspect)
     tokenizer, prepared, _ = prepare_data(loaded, tokenizer_path)
-    order = ("samples", "kept", "truncated", "dropped", "tokens", "trained_tokens", "pairs")
+    order = ("samples", "kept", "truncated", "dropped", "tokens", "trained_tokens", "pairs", "examples", "desirable",
+             "undesirable")
     for split, counts in prepared.counts.items():
-        print(f"{split}: " + ", ".join(f"{k} {counts[k]:,}" for k in order if k in counts))
+        if split != "sources":
+            print(f"{split}: " + ", ".join(f"{k} {counts[k]:,}" for k in order if k in counts))
+    for s in prepared.counts.get("sources", []):
+        # A mixture: what each source gave (weights draw the training samples, so they need not be all its records).
+        print(f"source {s['source']} ({s['format']}): records {s['records']:,}, train {s['train']:,}, eval {s['eval']:,}")
     print(f"cached in {prepared.cache_dir}")
     if args.inspect:
-        if loaded.recipe.data.format == "preference":
+        if loaded.recipe.data.format in ("preference", "unpaired"):  # rows trl tokenizes itself, shown as they are
             for row in prepared.train.select(range(min(args.inspect, len(prepared.train)))):
                 print(json.dumps(row, indent=1, ensure_ascii=False))
             return 0

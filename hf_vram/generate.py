@@ -18,7 +18,7 @@ def prompt_for(output_dir: str | Path, prompt: str) -> str | list[dict]:
         data = yaml.safe_load(recipe_file.read_text()).get("data", {})
         if data.get("format") == "alpaca":
             return alpaca_prompt(prompt, "", data.get("template", "alpaca"))
-        if data.get("format") in (*CHAT_FORMATS, "preference"):
+        if data.get("format") in (*CHAT_FORMATS, "preference", "unpaired"):
             return [{"role": "user", "content": prompt}]
     return prompt
 

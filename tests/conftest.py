@@ -116,6 +116,7 @@ UNIT_MODULES: dict[str, set[str]] = {
     "test_data_prep_standalone.py": set(),
     "test_formats_and_masks.py": {"test_prepare_cli_inspects_masks_and_refuses_a_wrong_format"},
     "test_images.py": set(),
+    "test_layout.py": set(),
     "test_library_workarounds.py": set(),
     "test_merge.py": set(),
     "test_moe_assemble.py": set(),
@@ -123,6 +124,7 @@ UNIT_MODULES: dict[str, set[str]] = {
     "test_recipe_errors.py": set(),
     "test_recipes_validate.py": set(),
     "test_retnet.py": set(),
+    "test_tool_calls_and_parts.py": set(),
     "test_translation.py": set(),
     "test_vram_measure.py": set(),
 }

@@ -46,7 +46,9 @@ def names(kind) -> list[str]:
 
 
 def lm_task(r) -> bool:
-    return r.task in ("sft", "dpo", "pretrain")
+    from hf_vram.tasks import task_of
+
+    return task_of(r).language_model
 
 
 def on_the_hub(r) -> bool:
@@ -102,10 +104,13 @@ def has_eval(recipe) -> bool:
 
 def check_training_args(recipe, args) -> None:
     from transformers import TrainingArguments
-    from trl import DPOConfig, SFTConfig
+    from trl import DPOConfig, KTOConfig, SFTConfig
+    from trl.experimental.cpo import CPOConfig
+    from trl.experimental.orpo import ORPOConfig
 
     t, d = recipe.train, recipe.data
-    expected_class = {"sft": SFTConfig, "dpo": DPOConfig, "pretrain": TrainingArguments}[recipe.task]
+    expected_class = {"sft": SFTConfig, "dpo": DPOConfig, "pretrain": TrainingArguments, "orpo": ORPOConfig,
+                      "simpo": CPOConfig, "kto": KTOConfig}[recipe.task]
     assert type(args) is expected_class
     assert args.learning_rate == t.lr
     assert args.per_device_train_batch_size == args.per_device_eval_batch_size == t.micro_batch_size
@@ -137,6 +142,15 @@ def check_training_args(recipe, args) -> None:
         assert args.packing_strategy == ("bfd_split" if d.format == "text" else "bfd")
     if recipe.task == "dpo":
         assert (args.max_length, args.beta, args.loss_type) == (d.max_length, recipe.dpo.beta, [recipe.dpo.loss_type])
+    if recipe.task == "orpo":
+        assert (args.max_length, args.beta) == (d.max_length, recipe.orpo.beta)
+    if recipe.task == "simpo":
+        s = recipe.simpo
+        assert (args.loss_type, args.beta, args.simpo_gamma, args.cpo_alpha) == ("simpo", s.beta, s.gamma, s.cpo_alpha)
+    if recipe.task == "kto":
+        k = recipe.kto
+        assert (args.beta, args.desirable_weight, args.undesirable_weight) == (k.beta, k.desirable_weight,
+                                                                               k.undesirable_weight)
 
 
 def check_quant(quant, config) -> None:
@@ -354,7 +368,9 @@ def test_shipped_recipe_translates(name, tmp_path, tokenizer):
 
 def test_every_task_and_adapter_is_covered():
     recipes = [_shipped(n) for n in shipped_recipes()]
-    assert {r.task for r in recipes} == {"sft", "dpo", "pretrain", "assemble", "diffusion"}
+    from hf_vram.tasks import TASKS
+
+    assert {r.task for r in recipes} == set(TASKS)  # a recipe ships for every task
     assert {"none", "lora", "llama-adapter"} <= {r.adapter.type for r in recipes}
     assert {None, 4} <= {r.quant.bits for r in recipes}
     assert {"unet2d", "dit", "unet2d-condition", "pixart"} <= {r.model.arch for r in recipes if r.task == "diffusion"}

@@ -1,12 +1,12 @@
-"""train + data sections -> trl.SFTConfig, trl.DPOConfig or transformers.TrainingArguments (pretraining): the only
-place training arguments are built."""
+"""train + data sections -> trl.SFTConfig, trl.DPOConfig, trl.KTOConfig, trl's experimental ORPOConfig and CPOConfig
+(SimPO) or transformers.TrainingArguments (pretraining): the only place training arguments are built."""
 
 from __future__ import annotations
 
 import os
 
 from transformers import TrainingArguments
-from trl import DPOConfig, SFTConfig
+from trl import DPOConfig, KTOConfig, SFTConfig
 
 from hf_vram.device import has_cuda, mixed_precision
 from hf_vram.recipe.schema import Recipe
@@ -90,6 +90,27 @@ def dpo_config(recipe: Recipe, output_dir: str, has_eval: bool = False) -> DPOCo
     )
 
 
+def orpo_config(recipe: Recipe, output_dir: str, has_eval: bool = False):
+    from trl.experimental.orpo import ORPOConfig
+
+    return ORPOConfig(**_common(recipe, output_dir, has_eval), max_length=recipe.data.max_length, beta=recipe.orpo.beta)
+
+
+def simpo_config(recipe: Recipe, output_dir: str, has_eval: bool = False):
+    """SimPO is trl's CPO trainer with its simpo loss (length-normalised rewards, a target margin, no reference)."""
+    from trl.experimental.cpo import CPOConfig
+
+    s = recipe.simpo
+    return CPOConfig(**_common(recipe, output_dir, has_eval), max_length=recipe.data.max_length, loss_type="simpo",
+                     beta=s.beta, simpo_gamma=s.gamma, cpo_alpha=s.cpo_alpha)
+
+
+def kto_config(recipe: Recipe, output_dir: str, has_eval: bool = False) -> KTOConfig:
+    k = recipe.kto
+    return KTOConfig(**_common(recipe, output_dir, has_eval), max_length=recipe.data.max_length, beta=k.beta,
+                     desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight)
+
+
 def pretrain_args(recipe: Recipe, output_dir: str, has_eval: bool = False) -> TrainingArguments:
     # Blocks of token ids arrive whole from the shards (data_prep/shards.py): nothing to pack or pad.
     return TrainingArguments(**_common(recipe, output_dir, has_eval))
@@ -103,5 +124,6 @@ def optimization_args(recipe: Recipe, output_dir: str) -> TrainingArguments:
 
 
 def training_args(recipe: Recipe, output_dir: str, has_eval: bool = False):
-    build = {"dpo": dpo_config, "pretrain": pretrain_args}.get(recipe.task, sft_config)
+    build = {"dpo": dpo_config, "orpo": orpo_config, "simpo": simpo_config, "kto": kto_config,
+             "pretrain": pretrain_args}.get(recipe.task, sft_config)
     return build(recipe, output_dir, has_eval)

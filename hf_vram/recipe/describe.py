@@ -12,7 +12,11 @@ def describe_language_model(loaded: LoadedRecipe) -> str:
         f"{r.model.arch} from scratch" if r.model.arch else f"full fine-tune of {r.model.name_or_path}"
     )
     quant = f", {r.quant.bits}-bit {r.quant.type} base" if r.quant.bits else ""
-    return f"{r.task}: {kind}{quant}; data {r.data.source} as {r.data.format}; output {loaded.output_dir}"
+    d = r.data
+    data = (f"data {d.source} as {d.format}" if not d.sources else
+            "data a mixture of " + ", ".join(f"{e.source} as {e.format}" + (f" (weight {e.weight:g})" if e.weight else "")
+                                             for e in d.sources))
+    return f"{r.task}: {kind}{quant}; {data}; output {loaded.output_dir}"
 
 
 def describe_diffusion(loaded: LoadedRecipe) -> str:

@@ -236,13 +236,23 @@ def _schema_fields(loc: tuple) -> list[str]:
     """Field names valid at the parent of a pydantic error location (for did-you-mean)."""
     model: type[BaseModel] | None = Recipe
     for part in loc[:-1]:
+        if isinstance(part, int) and model is not None:
+            continue  # an entry of a list of sections (data.sources.0): the entries' model is already chosen
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return []
-        ann = model.model_fields[part].annotation
-        # An optional section (data: DataSection | None) names its model inside the union.
-        candidates = [a for a in (typing.get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        model = candidates[0] if candidates else None
+        model = _section_model(model.model_fields[part].annotation)
     return list(model.model_fields) if model is not None else []
+
+
+def _section_model(ann) -> type[BaseModel] | None:
+    """The section model a field holds: itself, inside an optional union (DataSection | None), or the entries of a
+    list of sections (list[DataSourceSection])."""
+    for a in typing.get_args(ann) or (ann,):
+        inner = typing.get_args(a) if typing.get_origin(a) is list else (a,)
+        for b in inner:
+            if isinstance(b, type) and issubclass(b, BaseModel):
+                return b
+    return None
 
 
 def _field_loc(loc: tuple) -> tuple:
@@ -291,37 +301,45 @@ def _check_references(recipe: Recipe, origins: dict[str, str], source: str) -> l
 
 
 def _check_data_source(recipe: Recipe, at) -> list[str]:
-    """data.source: a builtin source that exists, a URL only for pretraining, a local file that exists."""
+    """Every data source of the recipe (data.source, or each of data.sources) checked by _check_one_source."""
+    if recipe.data is None:
+        return []
+    if recipe.data.sources:
+        return [p for i, entry in enumerate(recipe.data.sources)
+                for p in _check_one_source(recipe, entry.source, f"data.sources.{i}.source", at)]
+    return _check_one_source(recipe, recipe.data.source, "data.source", at)
+
+
+def _check_one_source(recipe: Recipe, src: str, key: str, at) -> list[str]:
+    """A builtin source that exists, a URL only for pretraining, a local file that exists."""
     from data_prep.sources import LOADERS
 
-    src = recipe.data.source if recipe.data else ""
     if src.startswith("builtin:"):
-        return _check_builtin_source(src, recipe.data.format == "images", at)
+        return _check_builtin_source(src, recipe.data.format == "images", key, at)
     if src.startswith(("http://", "https://")):
         if recipe.task != "pretrain":
-            return [f"{at('data.source')}: data.source: a URL is read by task pretrain only; download the file and "
-                    "give its path"]
+            return [f"{at(key)}: {key}: a URL is read by task pretrain only; download the file and give its path"]
     elif src and (src.endswith(tuple(LOADERS)) or src.startswith((".", "/", "~"))):
         if not Path(src).expanduser().exists():
-            return [f"{at('data.source')}: data.source: file '{src}' does not exist (relative paths are read from the "
-                    "current directory; give a Hub dataset id without a file suffix to load from the Hub)"]
+            return [f"{at(key)}: {key}: file '{src}' does not exist (relative paths are read from the current "
+                    "directory; give a Hub dataset id without a file suffix to load from the Hub)"]
     return []
 
 
-def _check_builtin_source(src: str, images: bool, at) -> list[str]:
+def _check_builtin_source(src: str, images: bool, key: str, at) -> list[str]:
     """builtin:NAME names data the project generates: an image set for format images, else a text dataset."""
     if images:
         from data_prep.images import BUILTIN_IMAGE_SOURCES
 
         if src not in BUILTIN_IMAGE_SOURCES:
-            return [f"{at('data.source')}: data.source: no builtin image source '{src}'"
+            return [f"{at(key)}: {key}: no builtin image source '{src}'"
                     f"{did_you_mean(src, BUILTIN_IMAGE_SOURCES)}; builtin: {', '.join(BUILTIN_IMAGE_SOURCES)}"]
         return []
     from data_prep.builtin import BUILTIN_SOURCES
 
     name = src.removeprefix("builtin:")
     if name not in BUILTIN_SOURCES:
-        return [f"{at('data.source')}: data.source: no builtin dataset '{name}'{did_you_mean(name, BUILTIN_SOURCES)}; "
+        return [f"{at(key)}: {key}: no builtin dataset '{name}'{did_you_mean(name, BUILTIN_SOURCES)}; "
                 f"builtin: {', '.join(BUILTIN_SOURCES)}"]
     return []
 

@@ -179,16 +179,56 @@ class ImageSection(Section):
     label_field: str | None = None
 
 
+class DataSourceSection(Section):
+    # One dataset of a mixture (data.sources, task sft): a local file, a Hub dataset id or builtin:NAME, as data.source.
+    source: str
+    # Its record layout, checked record by record (data.format's layouts for task sft).
+    format: Literal["text", "alpaca", "sharegpt", "messages", "prompt_completion"] = "text"
+    # Configuration of a Hub dataset that has several.
+    subset: str | None = None
+    # Its split to train on (Hub datasets and builtin sources).
+    split: str = "train"
+    # Use only its first N records; empty = all.
+    max_samples: int | None = Field(None, ge=1)
+    # Share of the mixture: samples are drawn from the sources in proportion to their weights (set on every
+    # source or on none; none = the sources concatenated in order).
+    weight: float | None = Field(None, gt=0)
+    # format text: the field holding the text.
+    text_field: str = "text"
+    # format alpaca in a mixture without chat sources: the prompt layout (alpaca or alpaca-short).
+    template: Literal["alpaca", "alpaca-short"] = "alpaca"
+
+
+# What a mixture sets per source (data.sources[i].KEY) and not once for all: key -> its single-source default.
+_PER_SOURCE_KEYS = {"subset": None, "split": "train", "max_samples": None, "text_field": "text", "template": "alpaca",
+                    "eval_split": None, "images": None}
+
+
 class DataSection(Section):
     # A local file (.json, .jsonl, .csv, .parquet, .txt), a Hub dataset id, or builtin:NAME
-    # (data the project generates; see `hf-vram recipes`).
-    source: str
+    # (data the project generates; see `hf-vram recipes`). Empty when data.sources is given.
+    source: str = ""
+    # task sft: a mixture of several datasets instead of data.source, each entry a dataset of its own format
+    # (source, format, split, max_samples, weight, ...). With weights, samples are interleaved at random in those
+    # proportions (datasets.interleave_datasets, seeded by train.seed); without, the sources are concatenated.
+    # When any source is a chat format (sharegpt, messages), every instruction record (alpaca, prompt_completion)
+    # becomes a user turn and its answer an assistant turn, so that all of them go through one chat template;
+    # text sources stay whole texts, every token trained. data.val_size is held out of each source before mixing.
+    # data.format is then set from the sources: their format when they share one, messages when any is a chat.
+    sources: list[DataSourceSection] | None = None
+    # Mixture with weights: first_exhausted = stop when a source runs out (no sample repeated, the proportions hold
+    # to the end); all_exhausted = go on, repeating the sources that ran out, until every sample of every source
+    # has been drawn (a small source is oversampled).
+    mix_stopping: Literal["first_exhausted", "all_exhausted"] = "first_exhausted"
     # Record layout: text (one text field: pretraining), alpaca (instruction/input/output), sharegpt
     # (conversations of from/value), messages (role/content), prompt_completion (prompt/completion), or
-    # preference (chosen/rejected pairs, for task: dpo). A record that does not fit is an error.
+    # preference (chosen/rejected pairs, for task: dpo, orpo or simpo), or unpaired (one answer judged desirable or
+    # not: prompt/completion/label, or messages with label or kto_tag, for task: kto). A record that does not fit is
+    # an error.
     # images (task diffusion): an image folder (the imagefolder convention: captions/labels in metadata.jsonl), a Hub
     # image dataset, or builtin:digits (scikit-learn's 1,797 handwritten digits, offline).
-    format: Literal["text", "alpaca", "sharegpt", "messages", "prompt_completion", "preference", "images"] = "text"
+    format: Literal["text", "alpaca", "sharegpt", "messages", "prompt_completion", "preference", "unpaired",
+                    "images"] = "text"
     # format images: how images are read, sized and labelled.
     images: ImageSection | None = None
     # Configuration of a Hub dataset that has several (load_dataset's second argument, e.g. smoltalk's "all").
@@ -229,6 +269,37 @@ class DataSection(Section):
     train_on_prompt: bool = False
     # Use only the first N records (task pretrain: documents) (quick trials); empty = all.
     max_samples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source_or_a_mixture(self) -> DataSection:
+        if self.sources is None:
+            if not self.source:
+                raise ValueError("data.source: required key is missing: a file, a Hub dataset id or builtin:NAME "
+                                 "(or data.sources, a mixture of several)")
+            return self
+        if self.source:
+            raise ValueError("data.sources: set data.source (one dataset) or data.sources (a mixture), not both")
+        if not self.sources:
+            raise ValueError("data.sources: the list is empty; give one entry per dataset (source, format, ...)")
+        for key, default in _PER_SOURCE_KEYS.items():
+            if getattr(self, key) != default:
+                raise ValueError(f"data.{key}: a mixture sets this per source (data.sources[i].{key}), not for all"
+                                 + (" (data.val_size holds out part of each source)" if key == "eval_split" else ""))
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            missing = weighted.index(False)
+            raise ValueError(f"data.sources.{missing}.weight: weights are set on some sources but not this one: give "
+                             "every source a weight (mixed in those proportions) or none (concatenated)")
+        formats = {s.format for s in self.sources}
+        mixed = formats.pop() if len(formats) == 1 else (
+            "messages" if formats & {"sharegpt", "messages"} else next(s.format for s in self.sources if s.format != "text"))
+        if "format" in self.model_fields_set and self.format != mixed:
+            raise ValueError(f"data.format: a mixture takes each source's format (data.sources[i].format); leave "
+                             f"data.format out (it reads '{mixed}' for these sources)")
+        # Set without validate_assignment (which would run this validator again): readers of data.format (the
+        # chat template, the card, generation) see the layout the samples are rendered in.
+        self.__dict__["format"] = mixed
+        return self
 
 
 class TrainSection(Section):
@@ -311,6 +382,10 @@ class EvalSection(Section):
     max_new_tokens: int = Field(32, ge=1, le=MAX_TOKENS)
 
 
+# Tasks that train on chosen/rejected pairs (format preference).
+PAIRED_TASKS = ("dpo", "orpo", "simpo")
+
+
 class DPOSection(Section):
     # Strength of the pull towards the reference model (DPO's beta): lower lets the policy move further.
     beta: float = Field(0.1, gt=0)
@@ -320,6 +395,33 @@ class DPOSection(Section):
         "sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
         "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
     ] = "sigmoid"
+
+
+class ORPOSection(Section):
+    # task orpo (Hong et al., arXiv 2403.07691): weight of the odds-ratio term beside the chosen answers' language-
+    # modelling loss (the paper's lambda, trl's beta; 0.1 as there and in trl). No reference model.
+    beta: float = Field(0.1, gt=0)
+
+
+class SimPOSection(Section):
+    # task simpo (Meng et al., arXiv 2405.14734): scale of the length-normalised log-probability reward. The paper
+    # uses 2.0 to 2.5 (trl's 0.1 is CPO's default, far too weak for a normalised reward). No reference model.
+    beta: float = Field(2.0, gt=0)
+    # Target margin between chosen and rejected rewards (trl's simpo_gamma; the paper's gamma/beta is 0.1 to 0.8).
+    gamma: float = Field(0.5, ge=0)
+    # Weight of an added language-modelling loss on the chosen answers (trl's cpo_alpha): 0 is SimPO as published;
+    # 1 is CPO's behaviour-cloning term.
+    cpo_alpha: float = Field(0.0, ge=0)
+
+
+class KTOSection(Section):
+    # task kto (Ethayarajh et al., arXiv 2402.01306): strength of the pull towards the reference model (the base
+    # with the adapter off); 0.1 as the paper and trl.
+    beta: float = Field(0.1, gt=0)
+    # Weight of the desirable answers' loss, and below the undesirable ones': the paper keeps
+    # desirable_weight x desirable count / (undesirable_weight x undesirable count) between 1 and 4/3.
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
 
 
 class HubSection(Section):
@@ -413,7 +515,10 @@ class Recipe(Section):
     # on a corpus tokenized once into memory-mapped token shards (data_prep/shards.py; transformers' Trainer);
     # assemble = no training: a mixture of experts built from dense checkpoints (section moe).
     # diffusion = images from noise (diffusers models and schedulers, an Accelerate loop; section diffusion).
-    task: Literal["sft", "dpo", "pretrain", "assemble", "diffusion"] = "sft"
+    # orpo and simpo = preference optimisation on chosen/rejected pairs without a reference model (trl's ORPOTrainer,
+    # and CPOTrainer's SimPO loss; sections orpo, simpo); kto = KTO on answers judged one by one (format unpaired;
+    # trl's KTOTrainer; section kto).
+    task: Literal["sft", "dpo", "orpo", "simpo", "kto", "pretrain", "assemble", "diffusion"] = "sft"
     model: ModelSection
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     quant: QuantSection = Field(default_factory=QuantSection)
@@ -425,6 +530,9 @@ class Recipe(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     dpo: DPOSection = Field(default_factory=DPOSection)
+    orpo: ORPOSection = Field(default_factory=ORPOSection)
+    simpo: SimPOSection = Field(default_factory=SimPOSection)
+    kto: KTOSection = Field(default_factory=KTOSection)
     hub: HubSection = Field(default_factory=HubSection)
 
     @model_validator(mode="after")
@@ -455,6 +563,9 @@ class Recipe(Section):
             raise ValueError("data.format: task diffusion trains on format images")
         if self.data is None:
             raise ValueError(f"data: task {self.task} needs a data section (data.source at least)")
+        if self.data.sources and self.task != "sft":
+            raise ValueError(f"data.sources: a mixture of datasets is for task sft (this recipe is task {self.task}); "
+                             "name one data.source")
 
     def _consistent_language_model(self) -> None:
         """task sft, dpo and pretrain (data is there: _sections_fit_task)."""
@@ -474,11 +585,23 @@ class Recipe(Section):
             raise ValueError("quant.bits: quantization applies to pretrained weights (model.name_or_path), not to a model built from scratch")
 
     def _check_dpo(self) -> None:
-        if (self.task == "dpo") != (self.data.format == "preference"):
-            raise ValueError("data.format: task dpo trains on format preference, and format preference needs task: dpo")
-        if self.task == "dpo" and self.train.fused_loss is False:
-            raise ValueError("train.fused_loss: trl's DPOTrainer always scores its log-probabilities in tiles; "
-                             "fused_loss: false is for task sft and pretrain")
+        """The preference tasks: each its data layout, and the loss path its trl trainer has."""
+        task, fmt = self.task, self.data.format
+        if (task in PAIRED_TASKS) != (fmt == "preference"):
+            raise ValueError(f"data.format: task {task} cannot train on format {fmt}: tasks dpo, orpo and simpo train "
+                             "on format preference, and format preference needs one of them")
+        if (task == "kto") != (fmt == "unpaired"):
+            raise ValueError(f"data.format: task {task} cannot train on format {fmt}: task kto trains on format "
+                             "unpaired, and format unpaired needs task: kto")
+        if task in ("dpo", "kto") and self.train.fused_loss is False:
+            raise ValueError(f"train.fused_loss: trl's {task.upper()}Trainer always scores its log-probabilities in "
+                             "tiles; fused_loss: false is for task sft and pretrain")
+        if task in ("orpo", "simpo") and self.train.fused_loss is True:
+            raise ValueError(f"train.fused_loss: trl's {'ORPO' if task == 'orpo' else 'CPO'}Trainer scores the full "
+                             "logits and has no fused LM head; leave fused_loss at auto")
+        if task == "kto" and self.train.micro_batch_size < 2:
+            raise ValueError("train.micro_batch_size: task kto needs at least 2: trl's KTOTrainer estimates its KL "
+                             "reference point from each answer paired with another prompt of the same micro-batch")
 
     def _check_min_lr(self) -> None:
         if (self.train.lr_scheduler == "cosine_with_min_lr") != (self.train.min_lr is not None):

@@ -44,11 +44,23 @@ def prepare_data(loaded: LoadedRecipe, tokenizer_path: str | None, args=None) ->
             if recipe.tokenizer.train:
                 tokenizer.save_pretrained(tokenizer_dir)
     added: list[str] = []
-    if recipe.data.format in (*CHAT_FORMATS, "preference"):
+    if recipe.data.format in (*CHAT_FORMATS, "preference", "unpaired"):
         added = install_chat_template(tokenizer, recipe.data.chat_template)
     with first("dataset"):
         prepared = prepare_dataset(examples, tokenizer, recipe.data, out / "prepared")
+    if examples.sources:
+        # A mixture's samples per source and split: printed by `hf-vram prepare`, kept in train_summary.json's
+        # data counts, and listed in the model card.
+        prepared.counts["sources"] = examples.sources
     return tokenizer, prepared, tokenizer.convert_tokens_to_ids(added)
+
+
+def refuse_corpus_mixture(recipe) -> None:
+    """Token shards are cut from one corpus: a mixture (data.sources) is read by task sft only."""
+    if recipe.data.sources:
+        from hf_vram.errors import UserError
+
+        raise UserError("data.sources: task pretrain reads one corpus (data.source); mixtures are for task sft")
 
 
 def examples_data(loaded: LoadedRecipe, tokenizer_path: str | None, args) -> LMData:
@@ -61,6 +73,7 @@ def corpus_data(loaded: LoadedRecipe, tokenizer_path: str | None, args) -> LMDat
     """Token shards of a pretraining corpus, written by the main process while the others wait."""
     from data_prep.corpus import prepare_corpus
 
+    refuse_corpus_mixture(loaded.recipe)
     corpus = prepare_corpus(loaded.recipe, loaded.output_dir, tokenizer_path,
                             lambda desc: args.main_process_first(local=False, desc=desc))
     return LMData(corpus.tokenizer, corpus.train, corpus.eval, corpus.counts, [])

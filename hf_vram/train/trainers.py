@@ -9,7 +9,9 @@ import math
 from contextlib import nullcontext
 
 from transformers import Trainer
-from trl import DPOTrainer, SFTTrainer
+from trl import DPOTrainer, KTOTrainer, SFTTrainer
+from trl.experimental.cpo import CPOTrainer
+from trl.experimental.orpo import ORPOTrainer
 
 from hf_vram.output.finite import FiniteLossWatch
 from hf_vram.train.cpu_fused_loss import cpu_fused_head
@@ -79,6 +81,18 @@ class _TwoStage:
 
 class GuardedDPOTrainer(_StopOnNonFinite, DPOTrainer):
     pass
+
+
+class GuardedKTOTrainer(_StopOnNonFinite, KTOTrainer):
+    pass
+
+
+class GuardedORPOTrainer(_StopOnNonFinite, ORPOTrainer):
+    pass
+
+
+class GuardedCPOTrainer(_StopOnNonFinite, CPOTrainer):
+    """trl's CPO trainer, which the runner of task simpo gives the SimPO loss (builders/training_args.py)."""
 
 
 class GuardedSFTTrainer(_TwoStage, _StopOnNonFinite, _Perplexity, SFTTrainer):

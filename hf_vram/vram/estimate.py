@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 from hf_vram.builders.long_context import offloading_on, tiled_mlp_on
-from hf_vram.recipe.schema import Recipe
+from hf_vram.recipe.schema import PAIRED_TASKS, Recipe
 from hf_vram.vram.counts import Counts, count_parameters
 from hf_vram.vram.gpus import GPU
 
@@ -47,6 +47,21 @@ FUSED_TILE_VOCAB = 32768
 # not import torch).
 CPU_CHUNK_VALUES = 1 << 24
 # Model types whose MLPs train/tiled_mlp.py tiles (Llama-style gate_proj, up_proj, down_proj).
+# Tasks whose loss runs one way only: trl's DPO and KTO trainers always score through their fused LM head; its
+# experimental ORPO and CPO (SimPO) trainers always on the full logits. train.fused_loss is no choice for them.
+FUSED_ONLY_TASKS = ("dpo", "kto")
+FULL_LOGITS_TASKS = ("orpo", "simpo")
+
+
+def trained_sequences(recipe: Recipe) -> int:
+    """Sequences per sample that run forward and backward: a pair's chosen and rejected answers (tasks dpo, orpo,
+    simpo), else one. KTO's one answer also runs under another prompt of its micro-batch (its KL estimate), and
+    DPO's and KTO's references (the base with the adapter off) score every sequence again, but all of those run
+    without gradients: nothing of them is kept for backward, and their transient peak stays under a training
+    layer's. ORPO and SimPO have no reference pass at all."""
+    return 2 if recipe.task in PAIRED_TASKS else 1
+
+
 TILED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "bitnet")
 # bitsandbytes' 8-bit AdamW, paged or not.
 OPTIMIZERS_8BIT = ("adamw_8bit", "paged_adamw_8bit")
@@ -209,7 +224,7 @@ def _mlp_elements(config, recipe: Recipe) -> int:
 
 def _activations(config, recipe: Recipe, counts: Counts, act: int, res: int, math_attention: bool, cuda: bool) -> Activations:
     t, seq = recipe.train, recipe.data.max_length
-    seqs = t.micro_batch_size * (2 if recipe.task == "dpo" else 1)  # a preference pair is a chosen and a rejected sequence
+    seqs = t.micro_batch_size * trained_sequences(recipe)
     tokens, layers, h = seqs * seq, config.num_hidden_layers, config.hidden_size
     elements = _layer_elements(config, recipe)
     i = getattr(config, "intermediate_size", 4 * h)
@@ -242,7 +257,7 @@ def _activations(config, recipe: Recipe, counts: Counts, act: int, res: int, mat
     # trl's offloading brings a layer's tensors back while the next one is computed: about two layers' worth on
     # the device at a time.
     in_flight = min(layers, 2)
-    micro_note = f"{t.micro_batch_size} x {seq} tokens" + (" x 2 (chosen, rejected)" if recipe.task == "dpo" else "")
+    micro_note = f"{t.micro_batch_size} x {seq} tokens" + (" x 2 (chosen, rejected)" if trained_sequences(recipe) == 2 else "")
     if t.gradient_checkpointing:
         host = layers * checkpoint if offload else 0
         on_device = in_flight * checkpoint if offload else layers * checkpoint
@@ -270,12 +285,13 @@ def _sliding_window_mask(config, seqs: int, seq: int, act: int, cpu: bool) -> in
 
 
 def loss_uses_fused_head(config, recipe: Recipe) -> bool:
-    """trl's SFT and DPO trainers score the loss through their fused LM head (DPO always); pretraining does when
+    """trl's SFT, DPO and KTO trainers score the loss through their fused LM head (DPO and KTO always; the ORPO and
+    CPO trainers of tasks orpo and simpo never: they take the model's full logits); pretraining does when
     train.fused_loss says so (auto: a vocabulary wider than one of trl's tiles, whose buffer is 32,768 entries
     wide whatever the vocabulary), except a mixture of experts, whose router statistics come with the model's own
     loss. The runner decides by this function too (hf_vram/train/savings.py)."""
-    if recipe.task == "dpo":
-        return True
+    if recipe.task in FUSED_ONLY_TASKS or recipe.task in FULL_LOGITS_TASKS:
+        return recipe.task in FUSED_ONLY_TASKS
     if recipe.task == "pretrain" and getattr(config, "output_router_logits", False):
         return False
     if recipe.train.fused_loss == "auto":
@@ -345,8 +361,7 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     # The residual stream follows the embeddings' dtype: fp32 when a quantized base keeps them in fp32.
     res = 4 if recipe.quant.bits and unquantized_bytes(recipe, compute_dtype) == 4 else act
     micro, seq = t.micro_batch_size, d.max_length
-    dpo = recipe.task == "dpo"
-    tokens = micro * (2 if dpo else 1) * seq
+    tokens = micro * trained_sequences(recipe) * seq
 
     items = [weights_item(counts, recipe, compute_dtype)]
     pbytes = trainable_bytes(recipe, compute_dtype)
@@ -378,7 +393,7 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     steps = t.max_steps or (math.ceil(t.epochs * samples / (micro * t.grad_accum)) if samples else None)
     kind = "full" if recipe.adapter.type == "none" else ("qlora" if recipe.quant.bits else "adapter")
     mfu = MFU[kind]
-    step_tokens = micro * t.grad_accum * seq * (2 if dpo else 1)
+    step_tokens = micro * t.grad_accum * seq * trained_sequences(recipe)
     seconds = steps * step_tokens * fpt / (gpu.bf16_tflops * 1e12 * mfu) if steps else None
     settings = {k: getattr(t, k) for k in ("micro_batch_size", "grad_accum", "gradient_checkpointing", "optimizer")}
     settings["max_length"] = seq

@@ -13,7 +13,9 @@ def fit_search(recipe, plan_of, optimizer_8bit: str = "paged_adamw_8bit") -> tup
     they give."""
     t = recipe.train
     global_batch = t.micro_batch_size * t.grad_accum
-    micros = [m for m in range(global_batch, 0, -1) if global_batch % m == 0]
+    # trl's KTOTrainer refuses a micro-batch of 1 (its KL reference pairs each answer with another sample's prompt).
+    least = 2 if recipe.task == "kto" else 1
+    micros = [m for m in range(global_batch, 0, -1) if global_batch % m == 0 and m >= least]
     stages = [{}]
     if not t.gradient_checkpointing:
         stages.append({"gradient_checkpointing": True})

@@ -15,23 +15,40 @@ from hf_vram.vram.report import gib, item_lines, rough_duration
 
 def dataset_size(loaded: LoadedRecipe) -> int | None:
     """Training records of a recipe, without tokenizing: counted for builtin and local data, looked up for the
-    shipped recipes' Hub datasets; None when unknown (time is then given per step)."""
+    shipped recipes' Hub datasets; None when unknown (time is then given per step). A mixture: the records of its
+    sources together (concatenated, or the most a weighted mixture can draw), None when one is unknown."""
+    d = loaded.recipe.data
+    held_out = d.val_size if d.val_size and not d.eval_split else 0.0
+    if not d.sources:
+        return _source_size(d.source, d.format, d.split, d.max_samples, held_out)
+    sizes = [_source_size(e.source, e.format, e.split, e.max_samples, held_out) for e in d.sources]
+    if None in sizes:
+        return None
+    if d.sources[0].weight is None or d.mix_stopping == "all_exhausted":
+        # Concatenated: every record once. all_exhausted draws at least that many (the exact number is random).
+        return sum(sizes)
+    # first_exhausted stops when a source runs out: about that source's records over its share of the weights.
+    total = sum(e.weight for e in d.sources)
+    return round(min(n * total / e.weight for n, e in zip(sizes, d.sources)))
+
+
+def _source_size(source: str, fmt: str, split: str, max_samples: int | None, held_out: float) -> int | None:
+    """Training records of one source (after max_samples and the held-out share), or None when unknown."""
     from pathlib import Path
 
     from hf_vram.vram.known_configs import KNOWN_DATASET_SIZES
 
-    d = loaded.recipe.data
-    if d.source.startswith("builtin:") or Path(d.source).expanduser().is_file():
+    if source.startswith("builtin:") or Path(source).expanduser().is_file():
         from data_prep.sources import read_records
 
-        n = len(read_records(d.source, d.format, d.split))
+        n = len(read_records(source, fmt, split))
     else:
-        n = KNOWN_DATASET_SIZES.get((d.source, d.split))
+        n = KNOWN_DATASET_SIZES.get((source, split))
         if n is None:
             return None
-    if d.max_samples:
-        n = min(n, d.max_samples)
-    return n - (round(n * d.val_size) if d.val_size and not d.eval_split else 0)
+    if max_samples:
+        n = min(n, max_samples)
+    return n - (round(n * held_out) if held_out else 0)
 
 
 def planning_inputs(loaded: LoadedRecipe) -> tuple[object, Counts, int | None]:
@@ -48,10 +65,15 @@ def plan_recipe(loaded: LoadedRecipe, gpu: GPU, inputs=None) -> Plan:
     return plan
 
 
+def _loss_path_fixed(recipe) -> bool:
+    """train.fused_loss is no choice: the task's trainer scores its loss one way only (estimate.py)."""
+    return recipe.task in (*estimate_module.FUSED_ONLY_TASKS, *estimate_module.FULL_LOGITS_TASKS)
+
+
 def all_savings_on(recipe):
     """The recipe with every memory saving on (those set off switched on, `auto` ones forced on)."""
     r = with_setting(with_setting(recipe, "train.activation_offloading", True), "train.tiled_mlp", True)
-    if recipe.task != "dpo":
+    if not _loss_path_fixed(recipe):
         r = with_setting(r, "train.fused_loss", True)
     if recipe.quant.bits:
         r = with_setting(r, "quant.unquantized_dtype", "compute")
@@ -72,7 +94,7 @@ def format_longest(loaded: LoadedRecipe, gpu: GPU, inputs=None) -> str:
     if best > n:
         lines.append(f"  with every saving on: {best:,} tokens (train.gradient_checkpointing=true "
                      "train.activation_offloading=true train.tiled_mlp=true"
-                     + (" train.fused_loss=true" if recipe.task != "dpo" else "")
+                     + (" train.fused_loss=true" if not _loss_path_fixed(recipe) else "")
                      + (" quant.unquantized_dtype=compute" if recipe.quant.bits else "") + ")")
     return "\n".join(lines)
 
@@ -114,8 +136,8 @@ def savings_lines(config, recipe, gpu: GPU, counts: Counts, plan: Plan) -> list[
     for key, off, what in SAVINGS:
         if key == "quant.unquantized_dtype" and not recipe.quant.bits:
             continue
-        if key == "train.fused_loss" and recipe.task == "dpo":
-            continue  # trl's DPOTrainer has no other path
+        if key == "train.fused_loss" and _loss_path_fixed(recipe):
+            continue  # trl's DPO and KTO trainers have no other path, its ORPO and CPO trainers no fused one
         if active[key]:
             other = estimate(config, with_setting(recipe, key, off), gpu, counts=counts)
             lines.append(f"  saves {gib(other.total - plan.total):>10}  {what} (on; {key}={str(off).lower()} to compare)")

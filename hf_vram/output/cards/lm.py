@@ -28,8 +28,8 @@ def _tags(loaded: LoadedRecipe) -> list[str]:
         tags += ["bitsandbytes", f"{r.quant.bits}-bit"]
         if r.quant.bits == 4 and r.adapter.type in ("lora", "dora", "rslora"):
             tags.append("qlora")
-    if r.task == "dpo":
-        tags.append("dpo")
+    if r.task in ("dpo", "orpo", "simpo", "kto"):
+        tags.append(r.task)
     elif r.data.format != "text":
         tags.append("sft")
     return list(dict.fromkeys(tags))
@@ -54,9 +54,24 @@ def _what(loaded: LoadedRecipe) -> str:
         what = f"a `{r.model.arch}` model trained from scratch"
     else:
         what = f"a full fine-tune of {base}"
+    return what + _tuned_by(r)
+
+
+def _tuned_by(r) -> str:
+    """The preference objective, with the settings that define it."""
     if r.task == "dpo":
-        what += f", tuned by DPO on preference pairs (beta={r.dpo.beta}, loss {r.dpo.loss_type})"
-    return what
+        return f", tuned by DPO on preference pairs (beta={r.dpo.beta}, loss {r.dpo.loss_type})"
+    if r.task == "orpo":
+        return f", tuned by ORPO on preference pairs (odds-ratio weight beta={r.orpo.beta}, no reference model)"
+    if r.task == "simpo":
+        s = r.simpo
+        return (f", tuned by SimPO on preference pairs (beta={s.beta}, target margin gamma={s.gamma}, "
+                f"cpo_alpha={s.cpo_alpha}, no reference model)")
+    if r.task == "kto":
+        k = r.kto
+        return (f", tuned by KTO on answers judged desirable or undesirable (beta={k.beta}, weights "
+                f"{k.desirable_weight} desirable / {k.undesirable_weight} undesirable)")
+    return ""
 
 
 def _training_rows(loaded: LoadedRecipe, summary: dict) -> list[tuple[str, object]]:
@@ -68,7 +83,7 @@ def _setup_rows(loaded: LoadedRecipe, s: dict) -> list[tuple[str, object]]:
     r = loaded.recipe
     rows: list[tuple[str, object]] = [
         ("recipe", f"`{s.get('recipe', loaded.name)}` (task {r.task})"),
-        ("data", f"`{r.data.source}` ({r.data.format}, max length {r.data.max_length}, packing {r.data.packing})"),
+        ("data", _data_text(r.data, s)),
     ]
     if "samples" in s:
         rows.append(("training samples", s["samples"]))
@@ -78,6 +93,23 @@ def _setup_rows(loaded: LoadedRecipe, s: dict) -> list[tuple[str, object]]:
         ("global batch", f"{r.train.micro_batch_size} x {r.train.grad_accum} x {s.get('world_size', 1)} process(es)")
     )
     return rows + [("learning rate", f"{r.train.lr} ({r.train.lr_scheduler})"), ("optimizer", r.train.optimizer)]
+
+
+def _data_text(d, s: dict) -> str:
+    """The data row: the source and its format, or each source of a mixture with its format, weight and the
+    training samples it gave (train_summary.json's data counts)."""
+    layout = f"max length {d.max_length}, packing {d.packing}"
+    if not d.sources:
+        return f"`{d.source}` ({d.format}, {layout})"
+    # In the order of data.sources (one source may appear twice, with two splits).
+    counts = s.get("data", {}).get("sources", [])
+    parts = []
+    for i, e in enumerate(d.sources):
+        c = counts[i] if i < len(counts) else None
+        given = f", {c['train']:,} training / {c['eval']:,} held-out samples" if c else ""
+        parts.append(f"`{e.source}` ({e.format}{', weight ' + num(e.weight) if e.weight else ''}{given})")
+    how = f"interleaved by weight ({d.mix_stopping})" if d.sources[0].weight else "concatenated"
+    return f"a mixture, {how}, {layout}: " + "; ".join(parts)
 
 
 # Summary values shown as they are: (key, row name).
@@ -90,7 +122,11 @@ def _result_rows(s: dict) -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = [(name, num(s[key])) for key, name in _PLAIN_ROWS if s.get(key) is not None]
     if s.get("final_reward_margin") is not None:
         start = f"{num(s['first_reward_margin'])} -> " if s.get("first_reward_margin") is not None else ""
-        rows.append(("DPO reward margin (chosen - rejected)", start + num(s["final_reward_margin"])))
+        sides = "desirable - undesirable" if s.get("task") == "kto" else "chosen - rejected"
+        rows.append((f"{s.get('task', 'dpo').upper()} reward margin ({sides})", start + num(s["final_reward_margin"])))
+    if s.get("final_kl") is not None:
+        start = f"{num(s['first_kl'])} -> " if s.get("first_kl") is not None else ""
+        rows.append(("KTO KL estimate (policy vs reference)", start + num(s["final_kl"])))
     if s.get("eval_rewards/accuracies") is not None:
         rows.append(("held-out preference accuracy", f"{s['eval_rewards/accuracies']:.1%}"))
     if "trainable_params" in s and "total_params" in s:
@@ -120,7 +156,7 @@ def _usage(loaded: LoadedRecipe, model_ref: str, prompt: str) -> str:
         # chat template the adapter was trained with.
         head += 'from transformers import pipeline\n\npipe = pipeline("text-generation", model=model_id, tokenizer=model_id)\n'
     n = r.eval.max_new_tokens
-    if r.data.format in (*CHAT_FORMATS, "preference"):
+    if r.data.format in (*CHAT_FORMATS, "preference", "unpaired"):
         # The chat template the model was trained with is saved with its tokenizer.
         return head + (
             f'messages = [{{"role": "user", "content": {json.dumps(prompt)}}}]\n'
@@ -135,14 +171,15 @@ def lm_card(loaded: LoadedRecipe, summary: dict) -> str:
     r = loaded.recipe
     adapter = r.adapter.type != "none"
     base = hub_id(r.model.name_or_path)
-    dataset = hub_id(r.data.source)
+    # Every Hub dataset trained on (a mixture's local and builtin sources have no Hub id).
+    datasets = [i for i in dict.fromkeys(hub_id(e.source) for e in r.data.sources or [r.data]) if i]
     data = ModelCardData(
         library_name="peft" if adapter else "transformers",
         pipeline_tag="text-generation",
         base_model=base,
         # Lets the Hub list this model under its base as an adapter or a fine-tune.
         base_model_relation=("adapter" if adapter else "finetune") if base else None,
-        datasets=[dataset] if dataset else None,
+        datasets=datasets or None,
         tags=_tags(loaded),
     )
     model_ref = r.hub.repo_id or str(loaded.output_dir)

@@ -1,0 +1,53 @@
+"""The preference runners beside DPO (hf_vram/runners/lm.py): ORPO and SimPO on chosen/rejected pairs, which need
+no reference model, and KTO on answers judged one by one (format unpaired), whose reference is the base with the
+adapter switched off, as DPO's is. Everything else (data, model, output, card) is the language-model runner's."""
+
+from __future__ import annotations
+
+from hf_vram.runners.lm import LMRunner
+from hf_vram.train.trainers import GuardedCPOTrainer, GuardedKTOTrainer, GuardedORPOTrainer
+
+
+def first_and_last(log_history: list[dict], key: str, name: str) -> dict:
+    """The first and the last logged value of a training metric, as first_NAME / final_NAME."""
+    values = [e[key] for e in log_history if key in e]  # held-out values are logged as eval_KEY
+    return {f"first_{name}": values[0] if values else None, f"final_{name}": values[-1] if values else None}
+
+
+class _PairedRunner(LMRunner):
+    """ORPO and SimPO: the policy alone scores both answers (no reference pass), so hf-vram wraps the adapter
+    itself as for SFT, and trl's trainer gets the adapter model as it is."""
+
+    def task_metrics(self) -> dict:
+        return first_and_last(self.trainer.state.log_history, "rewards/margins", "reward_margin")
+
+
+class ORPORunner(_PairedRunner):
+    trainer_class = GuardedORPOTrainer
+
+    def task_metrics(self) -> dict:
+        history = self.trainer.state.log_history
+        # ORPO's loss is the chosen answers' NLL plus beta x the log odds-ratio term: both are logged.
+        return {**super().task_metrics(), **first_and_last(history, "log_odds_ratio", "log_odds_ratio"),
+                **first_and_last(history, "nll_loss", "nll_loss")}
+
+
+class SimPORunner(_PairedRunner):
+    # trl's CPO trainer; its config carries loss_type simpo (hf_vram/builders/training_args.py: simpo_config).
+    trainer_class = GuardedCPOTrainer
+
+
+class KTORunner(LMRunner):
+    trainer_class = GuardedKTOTrainer
+    # trl's KTOTrainer wraps the model in the adapter itself, and then scores its reference (and the KL reference
+    # point) with the adapter switched off: no second copy of the model.
+    wrap_adapter = False
+
+    def trainer_kwargs(self, peft_config) -> dict:
+        return {"peft_config": peft_config}
+
+    def task_metrics(self) -> dict:
+        history = self.trainer.state.log_history
+        # rewards/margins: desirable minus undesirable rewards where a micro-batch has both; kl: the estimate of the
+        # policy's KL divergence from the reference, KTO's reference point.
+        return {**first_and_last(history, "rewards/margins", "reward_margin"), **first_and_last(history, "kl", "kl")}
