@@ -104,13 +104,13 @@ def has_eval(recipe) -> bool:
 
 def check_training_args(recipe, args) -> None:
     from transformers import TrainingArguments
-    from trl import DPOConfig, KTOConfig, SFTConfig
+    from trl import DPOConfig, GRPOConfig, KTOConfig, SFTConfig
     from trl.experimental.cpo import CPOConfig
     from trl.experimental.orpo import ORPOConfig
 
-    t, d = recipe.train, recipe.data
+    t = recipe.train
     expected_class = {"sft": SFTConfig, "dpo": DPOConfig, "pretrain": TrainingArguments, "orpo": ORPOConfig,
-                      "simpo": CPOConfig, "kto": KTOConfig}[recipe.task]
+                      "simpo": CPOConfig, "kto": KTOConfig, "grpo": GRPOConfig}[recipe.task]
     assert type(args) is expected_class
     assert args.learning_rate == t.lr
     assert args.per_device_train_batch_size == args.per_device_eval_batch_size == t.micro_batch_size
@@ -136,6 +136,12 @@ def check_training_args(recipe, args) -> None:
     assert args.report_to == t.report_to
     assert args.torch_compile == t.torch_compile
     assert args.use_cpu == (not torch.cuda.is_available())
+    check_task_args(recipe, args)
+
+
+def check_task_args(recipe, args) -> None:
+    """The settings of each task's own config class."""
+    d = recipe.data
     if recipe.task == "sft":
         assert (args.max_length, args.packing) == (d.max_length, d.packing)
         # Plain text continues across sequences; samples with a prompt are never split.
@@ -151,6 +157,14 @@ def check_training_args(recipe, args) -> None:
         k = recipe.kto
         assert (args.beta, args.desirable_weight, args.undesirable_weight) == (k.beta, k.desirable_weight,
                                                                                k.undesirable_weight)
+    if recipe.task == "grpo":
+        g = recipe.grpo
+        assert (args.num_generations, args.max_completion_length, args.beta, args.temperature, args.loss_type) == (
+            g.num_generations, g.max_completion_length, g.beta, g.temperature, g.loss_type)
+        assert args.reward_weights == [r.weight for r in g.rewards]
+        # The answer column must reach the reward functions; a whole number of groups is generated at once.
+        assert args.remove_unused_columns is False
+        assert args.generation_batch_size % g.num_generations == 0
 
 
 def check_quant(quant, config) -> None:

@@ -1,4 +1,4 @@
-"""train + data sections -> trl.SFTConfig, trl.DPOConfig, trl.KTOConfig, trl's experimental ORPOConfig and CPOConfig
+"""train + data sections -> trl.SFTConfig, trl.DPOConfig, trl.KTOConfig, trl.GRPOConfig, trl's experimental ORPOConfig and CPOConfig
 (SimPO) or transformers.TrainingArguments (pretraining): the only place training arguments are built."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from transformers import TrainingArguments
-from trl import DPOConfig, KTOConfig, SFTConfig
+from trl import DPOConfig, GRPOConfig, KTOConfig, SFTConfig
 
 from hf_vram.device import has_cuda, mixed_precision
 from hf_vram.recipe.schema import Recipe
@@ -111,6 +111,23 @@ def kto_config(recipe: Recipe, output_dir: str, has_eval: bool = False) -> KTOCo
                      desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight)
 
 
+def grpo_config(recipe: Recipe, output_dir: str, has_eval: bool = False) -> GRPOConfig:
+    """train.micro_batch_size counts completions: micro_batch_size x grad_accum of them (whole groups of
+    num_generations) are generated at once, then trained on micro-batch by micro-batch."""
+    g = recipe.grpo
+    return GRPOConfig(
+        **_common(recipe, output_dir, has_eval),
+        num_generations=g.num_generations,
+        max_completion_length=g.max_completion_length,
+        beta=g.beta,
+        temperature=g.temperature,
+        loss_type=g.loss_type,
+        reward_weights=[r.weight for r in g.rewards],
+        # The answer column reaches the reward functions (trl passes every column but the prompt to them).
+        remove_unused_columns=False,
+    )
+
+
 def pretrain_args(recipe: Recipe, output_dir: str, has_eval: bool = False) -> TrainingArguments:
     # Blocks of token ids arrive whole from the shards (data_prep/shards.py): nothing to pack or pad.
     return TrainingArguments(**_common(recipe, output_dir, has_eval))
@@ -125,5 +142,5 @@ def optimization_args(recipe: Recipe, output_dir: str) -> TrainingArguments:
 
 def training_args(recipe: Recipe, output_dir: str, has_eval: bool = False):
     build = {"dpo": dpo_config, "orpo": orpo_config, "simpo": simpo_config, "kto": kto_config,
-             "pretrain": pretrain_args}.get(recipe.task, sft_config)
+             "grpo": grpo_config, "pretrain": pretrain_args}.get(recipe.task, sft_config)
     return build(recipe, output_dir, has_eval)

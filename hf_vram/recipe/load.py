@@ -295,8 +295,37 @@ def _check_references(recipe: Recipe, origins: dict[str, str], source: str) -> l
         return origins.get(key, source)
 
     problems = _check_data_source(recipe, at) + _check_model_refs(recipe, at, Path(source).parent)
+    problems += _check_reward_files(recipe, at, Path(source).parent)
     if recipe.model.arch:
         problems += _check_model_config(recipe, at)
+    return problems
+
+
+def _check_reward_files(recipe: Recipe, at, folder: Path) -> list[str]:
+    """task grpo: each user reward (grpo.rewards.N.function, path.py:name relative to the recipe) is a file that
+    defines the function at its top level; read without running it (training imports it)."""
+    import ast
+
+    if recipe.task != "grpo":
+        return []
+    problems = []
+    for i, r in enumerate(recipe.grpo.rewards):
+        if not r.function:
+            continue
+        key = f"grpo.rewards.{i}.function"
+        file, _, name = r.function.rpartition(":")
+        path = (folder / file).expanduser()
+        if not path.is_file():
+            problems.append(f"{at(key)}: {key}: file '{file}' does not exist (read relative to the recipe: {path})")
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        except (SyntaxError, UnicodeDecodeError, ValueError) as e:
+            problems.append(f"{at(key)}: {key}: '{file}' is not readable Python: {e}")
+            continue
+        defined = [n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+        if name not in defined:
+            problems.append(f"{at(key)}: {key}: '{file}' defines no function '{name}'{did_you_mean(name, defined)}")
     return problems
 
 

@@ -269,6 +269,39 @@ class DataSection(Section):
     train_on_prompt: bool = False
     # Use only the first N records (task pretrain: documents) (quick trials); empty = all.
     max_samples: int | None = Field(None, ge=1)
+    # task sft: read the records as a stream (datasets' streaming), checked and tokenized as training draws them,
+    # never held whole nor cached: for corpora larger than memory. Needs train.max_steps (a stream has no length);
+    # one data.source (no mixture); held-out data from data.eval_split only (a fraction of a stream of unknown length
+    # cannot be taken). A resumed run reads the stream again up to where its checkpoint stopped.
+    streaming: bool = False
+    # streaming: samples are drawn at random from a buffer of this many (seeded by train.seed, reseeded each pass
+    # over the stream); 0 = the source's order. Not read without streaming (cached data is shuffled whole).
+    shuffle_buffer: int = Field(10000, ge=0, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _streaming_keys(self) -> DataSection:
+        if not self.streaming:
+            return self
+        if self.sources:
+            raise ValueError("data.streaming: streams one dataset (data.source); a mixture (data.sources) is prepared "
+                             "and cached: drop data.streaming, or stream one source")
+        if self.val_size:
+            raise ValueError("data.val_size: a stream has no length, so a fraction of it cannot be held out; with "
+                             "data.streaming name a split of the source as data.eval_split, or leave val_size out")
+        return self
+
+    def check_streaming(self, task: str, max_steps: int | None, trains_tokenizer: bool) -> None:
+        """The streaming checks that need other sections (called by the recipe)."""
+        if not self.streaming:
+            return
+        if task != "sft":
+            raise ValueError(f"data.streaming: streams records for task sft only (this recipe is task {task})")
+        if max_steps is None:
+            raise ValueError("train.max_steps: required with data.streaming: a stream has no length, so train.epochs "
+                             "cannot be counted; set the number of optimizer steps")
+        if trains_tokenizer:
+            raise ValueError("tokenizer.train: a new vocabulary is trained on the whole data, which a stream never "
+                             "holds; name a tokenizer (tokenizer.name_or_path) or drop data.streaming")
 
     @model_validator(mode="after")
     def _one_source_or_a_mixture(self) -> DataSection:
@@ -384,6 +417,8 @@ class EvalSection(Section):
 
 # Tasks that train on chosen/rejected pairs (format preference).
 PAIRED_TASKS = ("dpo", "orpo", "simpo")
+# Layouts task grpo takes its prompts and answers from (data_prep/grpo.py).
+GRPO_FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt")
 
 
 class DPOSection(Section):
@@ -422,6 +457,55 @@ class KTOSection(Section):
     # desirable_weight x desirable count / (undesirable_weight x undesirable count) between 1 and 4/3.
     desirable_weight: float = Field(1.0, gt=0)
     undesirable_weight: float = Field(1.0, gt=0)
+
+
+# Builtin verifiable rewards of task grpo (hf_vram/train/rewards.py): exact_number = 1 when the completion's last
+# number equals the record's answer (GSM8K's answers end in `#### N`); answer_format = 1 when the completion ends
+# in a line that is just the answer; length = a penalty from 0 to -1 growing with the completion's length.
+BUILTIN_REWARDS = ("exact_number", "answer_format", "length")
+
+
+class RewardSection(Section):
+    # One of builtin (a name of BUILTIN_REWARDS) or function ("path/to/file.py:name", the path read relative to the
+    # recipe file; trl calls it as name(prompts, completions, answer=[...], **other columns) -> list of floats).
+    builtin: Literal["exact_number", "answer_format", "length"] | None = None
+    function: str | None = None
+    # Its weight in the summed reward (trl's reward_weights); negative weights turn a reward into a penalty.
+    weight: float = 1.0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RewardSection:
+        if (self.builtin is None) == (self.function is None):
+            raise ValueError("set exactly one of builtin (exact_number, answer_format, length) or function "
+                             "(path/to/file.py:name)")
+        if self.function is not None and not re.fullmatch(r".+\.py:[A-Za-z_]\w*", self.function):
+            raise ValueError(f"function: got '{self.function}', expected path/to/file.py:function_name")
+        return self
+
+
+class GRPOSection(Section):
+    # task grpo (Shao et al., arXiv 2402.03300; trl's GRPOTrainer): completions sampled per prompt; their rewards
+    # are compared within the group (at least 2). train.micro_batch_size x grad_accum counts completions and must
+    # be a multiple of it.
+    num_generations: int = Field(8, ge=2, le=MAX_COUNT)
+    # Longest completion in tokens (the prompt's limit is data.max_length).
+    max_completion_length: int = Field(512, ge=1, le=MAX_TOKENS)
+    # KL pull towards the reference (the base with the adapter off); 0 = none and no reference pass (trl's default).
+    beta: float = Field(0.0, ge=0)
+    # Sampling temperature of the completions.
+    temperature: float = Field(1.0, gt=0, le=10)
+    # trl's loss_type: dapo (tokens of the whole accumulated batch, trl's default), grpo (per-sequence means, the
+    # paper's), dr_grpo (a constant: max_completion_length), bnpo (tokens of the micro-batch), cispo, sapo.
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"] = "dapo"
+    # The rewards, summed with their weights (trl's reward_funcs and reward_weights).
+    rewards: list[RewardSection] = Field(default_factory=lambda: [RewardSection(builtin="exact_number")], min_length=1)
+    # Records of another layout (GSM8K's question/answer): the field holding the prompt and the one holding the
+    # answer; each record then becomes a user turn and an answer (data.format messages or prompt_completion).
+    prompt_field: str | None = None
+    answer_field: str | None = None
+    # Continue from a trained adapter (an SFT run): recipe:NAME (that recipe's finished output) or a folder, relative
+    # to the recipe file; its weights start the recipe's adapter, whose type, rank, alpha and targets must match.
+    init_adapter: str | None = None
 
 
 class HubSection(Section):
@@ -517,8 +601,9 @@ class Recipe(Section):
     # diffusion = images from noise (diffusers models and schedulers, an Accelerate loop; section diffusion).
     # orpo and simpo = preference optimisation on chosen/rejected pairs without a reference model (trl's ORPOTrainer,
     # and CPOTrainer's SimPO loss; sections orpo, simpo); kto = KTO on answers judged one by one (format unpaired;
-    # trl's KTOTrainer; section kto).
-    task: Literal["sft", "dpo", "orpo", "simpo", "kto", "pretrain", "assemble", "diffusion"] = "sft"
+    # trl's KTOTrainer; section kto); grpo = reinforcement learning from verifiable rewards on prompts with answers
+    # (trl's GRPOTrainer; section grpo).
+    task: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo", "pretrain", "assemble", "diffusion"] = "sft"
     model: ModelSection
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     quant: QuantSection = Field(default_factory=QuantSection)
@@ -533,6 +618,7 @@ class Recipe(Section):
     orpo: ORPOSection = Field(default_factory=ORPOSection)
     simpo: SimPOSection = Field(default_factory=SimPOSection)
     kto: KTOSection = Field(default_factory=KTOSection)
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
     hub: HubSection = Field(default_factory=HubSection)
 
     @model_validator(mode="after")
@@ -540,6 +626,7 @@ class Recipe(Section):
         if self.task == "assemble":
             return self._consistent_assemble()
         self._sections_fit_task()
+        self.data.check_streaming(self.task, self.train.max_steps, self.tokenizer.train)
         if self.task == "diffusion":
             return self._consistent_diffusion()
         self._consistent_language_model()
@@ -575,6 +662,7 @@ class Recipe(Section):
             raise ValueError("tokenizer.train: a new vocabulary is only for a model built from scratch (model.arch)")
         self._check_min_lr()
         self._check_pretrain()
+        self._check_grpo()
         if self.model.arch and not self.tokenizer.train and not self.tokenizer.name_or_path:
             raise ValueError("tokenizer.train: a model built from scratch needs a tokenizer: set tokenizer.train: true or tokenizer.name_or_path")
 
@@ -602,6 +690,30 @@ class Recipe(Section):
         if task == "kto" and self.train.micro_batch_size < 2:
             raise ValueError("train.micro_batch_size: task kto needs at least 2: trl's KTOTrainer estimates its KL "
                              "reference point from each answer paired with another prompt of the same micro-batch")
+
+    def _check_grpo(self) -> None:
+        """task grpo: prompts with answers, and whole groups of completions per optimizer step."""
+        if self.task != "grpo":
+            return
+        g, t, fmt = self.grpo, self.train, self.data.format
+        if fmt not in GRPO_FORMATS:
+            raise ValueError(f"data.format: task grpo reads prompts with answers ({', '.join(GRPO_FORMATS)}), not '{fmt}'")
+        if (g.prompt_field is None) != (g.answer_field is None):
+            raise ValueError("grpo.prompt_field: set it together with grpo.answer_field (and only then)")
+        if g.prompt_field and fmt not in ("messages", "prompt_completion"):
+            raise ValueError("grpo.prompt_field: mapped records are read as format messages or prompt_completion")
+        if (t.micro_batch_size * t.grad_accum) % g.num_generations:
+            raise ValueError(f"train.micro_batch_size: micro_batch_size x grad_accum ({t.micro_batch_size} x "
+                             f"{t.grad_accum}) counts completions and must be a multiple of grpo.num_generations "
+                             f"({g.num_generations}): trl's GRPOTrainer compares whole groups")
+        if g.init_adapter and self.adapter.type not in ("lora", "dora", "rslora"):
+            raise ValueError("grpo.init_adapter: continues a LoRA adapter: set adapter.type to the one it was trained with")
+        if self.data.eval_split or self.data.val_size:
+            raise ValueError("data.val_size: task grpo trains on prompts only and evaluates no held-out loss; leave "
+                             "data.eval_split and data.val_size out")
+        if t.fused_loss is False:
+            raise ValueError("train.fused_loss: trl's GRPOTrainer always scores its log-probabilities in tiles; "
+                             "fused_loss: false is for task sft and pretrain")
 
     def _check_min_lr(self) -> None:
         if (self.train.lr_scheduler == "cosine_with_min_lr") != (self.train.min_lr is not None):

@@ -79,7 +79,9 @@ class LMRunner(Runner):
         self._after_trainer_built()
         trainable, total = trainable_and_total(self.trainer.model)
         self.tokenizer, self.resume = data.tokenizer, latest_complete(out)
-        self.summary.update(trainable_params=trainable, total_params=total, samples=len(data.train),
+        # A stream (data.streaming) has no length: the summary and the card say so instead of a count.
+        samples = "streamed" if recipe.data.streaming else len(data.train)
+        self.summary.update(trainable_params=trainable, total_params=total, samples=samples,
                             data=data.counts, memory_savings=savings)
 
     def _callbacks(self, tokenizer) -> list:

@@ -27,6 +27,11 @@ def prepare_data(loaded: LoadedRecipe, tokenizer_path: str | None, args=None) ->
     cache while the others wait, then they load the same files, so every rank has the same vocabulary and a
     resumed run keeps the one its checkpoints were trained with."""
     recipe, out = loaded.recipe, loaded.output_dir
+    if recipe.data.streaming:
+        from hf_vram.errors import UserError
+
+        raise UserError("data.streaming: streamed records are tokenized as training reads them, so there is no "
+                        "preparation to cache; `hf-vram train` reads the stream")
     out.mkdir(parents=True, exist_ok=True)
 
     def first(desc):
@@ -64,9 +69,31 @@ def refuse_corpus_mixture(recipe) -> None:
 
 
 def examples_data(loaded: LoadedRecipe, tokenizer_path: str | None, args) -> LMData:
-    """Instructions, chats or preference pairs (sft, dpo)."""
+    """Instructions, chats or preference pairs (sft, dpo); streamed records (data.streaming)."""
+    if loaded.recipe.data.streaming:
+        return streamed_data(loaded, tokenizer_path)
     tokenizer, prepared, added = prepare_data(loaded, tokenizer_path, args)
     return LMData(tokenizer, prepared.train, prepared.eval, prepared.counts, added)
+
+
+def streamed_data(loaded: LoadedRecipe, tokenizer_path: str | None) -> LMData:
+    """The recipe's tokenizer and its records as IterableDatasets, tokenized as training reads them
+    (data_prep/streaming.py). Every rank reads the stream itself: there is no cache to fill first. The tokenizer is
+    a named one (the schema refuses tokenizer.train with streaming), so every rank loads the same vocabulary."""
+    from data_prep.streaming import tokenized_stream
+
+    recipe = loaded.recipe
+    tokenizer = load_tokenizer(recipe, tokenizer_path)
+    added: list[str] = []
+    if recipe.data.format in CHAT_FORMATS:
+        added = install_chat_template(tokenizer, recipe.data.chat_template)
+    train = tokenized_stream(recipe.data, tokenizer, recipe.train.seed)
+    # Held-out samples are evaluated in the source's order: the same ones before and after training.
+    held = (tokenized_stream(recipe.data, tokenizer, recipe.train.seed, recipe.data.eval_split, shuffle=False)
+            if recipe.data.eval_split else None)
+    # No counts: they would take a pass over the whole stream.
+    counts = {"streaming": True, "shuffle_buffer": recipe.data.shuffle_buffer}
+    return LMData(tokenizer, train, held, counts, tokenizer.convert_tokens_to_ids(added))
 
 
 def corpus_data(loaded: LoadedRecipe, tokenizer_path: str | None, args) -> LMData:

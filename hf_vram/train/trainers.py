@@ -9,7 +9,7 @@ import math
 from contextlib import nullcontext
 
 from transformers import Trainer
-from trl import DPOTrainer, KTOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 from trl.experimental.cpo import CPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 
@@ -93,6 +93,11 @@ class GuardedORPOTrainer(_StopOnNonFinite, ORPOTrainer):
 
 class GuardedCPOTrainer(_StopOnNonFinite, CPOTrainer):
     """trl's CPO trainer, which the runner of task simpo gives the SimPO loss (builders/training_args.py)."""
+
+
+class GuardedGRPOTrainer(_StopOnNonFinite, GRPOTrainer):
+    """trl's GRPO trainer (task grpo): its loss is the policy-gradient term on sampled completions, recorded and
+    checked as every other trainer's."""
 
 
 class GuardedSFTTrainer(_TwoStage, _StopOnNonFinite, _Perplexity, SFTTrainer):

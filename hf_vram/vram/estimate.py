@@ -47,9 +47,9 @@ FUSED_TILE_VOCAB = 32768
 # not import torch).
 CPU_CHUNK_VALUES = 1 << 24
 # Model types whose MLPs train/tiled_mlp.py tiles (Llama-style gate_proj, up_proj, down_proj).
-# Tasks whose loss runs one way only: trl's DPO and KTO trainers always score through their fused LM head; its
+# Tasks whose loss runs one way only: trl's DPO, KTO and GRPO trainers always score through their fused LM head; its
 # experimental ORPO and CPO (SimPO) trainers always on the full logits. train.fused_loss is no choice for them.
-FUSED_ONLY_TASKS = ("dpo", "kto")
+FUSED_ONLY_TASKS = ("dpo", "kto", "grpo")
 FULL_LOGITS_TASKS = ("orpo", "simpo")
 
 
@@ -60,6 +60,31 @@ def trained_sequences(recipe: Recipe) -> int:
     without gradients: nothing of them is kept for backward, and their transient peak stays under a training
     layer's. ORPO and SimPO have no reference pass at all."""
     return 2 if recipe.task in PAIRED_TASKS else 1
+
+
+def sequence_length(recipe: Recipe) -> int:
+    """Tokens of a trained sequence: data.max_length, and for task grpo a prompt of up to data.max_length tokens
+    followed by its completion of up to grpo.max_completion_length."""
+    return recipe.data.max_length + (recipe.grpo.max_completion_length if recipe.task == "grpo" else 0)
+
+
+def generation_item(config, recipe: Recipe, act: int) -> Item:
+    """task grpo's sampling, before the training steps it feeds: train.micro_batch_size x grad_accum completions
+    (groups of grpo.num_generations per prompt) generated at once, with their KV cache at full length (prompt +
+    max_completion_length) in the compute dtype, and the fp32 logits of the next token of each, a handful of
+    copies (sampling, temperature, softmax). The training step itself scores the completions through trl's fused
+    LM head; the old and reference log-probabilities (grpo.beta > 0: the base with the adapter off) run without
+    gradients, one micro-batch at a time, under a training layer's peak. No gradients or activations are alive
+    while it runs."""
+    t, g = recipe.train, recipe.grpo
+    seqs, seq = t.micro_batch_size * t.grad_accum, sequence_length(recipe)
+    heads = getattr(config, "num_attention_heads", None) or 1
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    cache = 2 * config.num_hidden_layers * kv * seqs * seq * act
+    logits = 4 * seqs * config.vocab_size * 4
+    return Item("generation", int(cache + logits), f"{seqs} completions ({seqs // g.num_generations} prompts x "
+                f"{g.num_generations}) sampled at once: KV cache of {seq} tokens each and next-token logits")
 
 
 TILED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "bitnet")
@@ -223,7 +248,7 @@ def _mlp_elements(config, recipe: Recipe) -> int:
 
 
 def _activations(config, recipe: Recipe, counts: Counts, act: int, res: int, math_attention: bool, cuda: bool) -> Activations:
-    t, seq = recipe.train, recipe.data.max_length
+    t, seq = recipe.train, sequence_length(recipe)
     seqs = t.micro_batch_size * trained_sequences(recipe)
     tokens, layers, h = seqs * seq, config.num_hidden_layers, config.hidden_size
     elements = _layer_elements(config, recipe)
@@ -355,12 +380,12 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     """The predicted peak of one training step, item by item, and the predicted time of the whole recipe.
     math_attention: planned for the CPU (sdpa's math kernel, torch fallbacks of trl's kernels, nowhere to
     offload to)."""
-    t, d = recipe.train, recipe.data
+    t = recipe.train
     counts = counts or count_parameters(config, recipe)
     act = _bytes(compute_dtype)
     # The residual stream follows the embeddings' dtype: fp32 when a quantized base keeps them in fp32.
     res = 4 if recipe.quant.bits and unquantized_bytes(recipe, compute_dtype) == 4 else act
-    micro, seq = t.micro_batch_size, d.max_length
+    micro, seq = t.micro_batch_size, sequence_length(recipe)
     tokens = micro * trained_sequences(recipe) * seq
 
     items = [weights_item(counts, recipe, compute_dtype)]
@@ -385,6 +410,9 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     b = {i.name: i.bytes for i in items}
     static = b["weights"] + b.get("adapter", 0) + b["optimizer states"] + cast
     step_peak = _step_peak(recipe, counts, a, static, b["gradients"], b["logits and loss"], pbytes, config.num_hidden_layers)
+    if recipe.task == "grpo":
+        items.append(generation_item(config, recipe, act))
+        step_peak = max(step_peak, static + items[-1].bytes)  # sampling runs between training steps, not during one
     slack = int(ALLOCATOR_OVERHEAD * step_peak)
     items.append(Item("CUDA context + allocator", CUDA_CONTEXT + slack,
                       f"{CUDA_CONTEXT / GiB:.1f} GiB context, {ALLOCATOR_OVERHEAD:.0%} caching-allocator slack"))

@@ -18,6 +18,8 @@ def dataset_size(loaded: LoadedRecipe) -> int | None:
     shipped recipes' Hub datasets; None when unknown (time is then given per step). A mixture: the records of its
     sources together (concatenated, or the most a weighted mixture can draw), None when one is unknown."""
     d = loaded.recipe.data
+    if d.streaming:
+        return None  # a streamed corpus may not fit in memory: never read whole to count it (train.max_steps is set)
     held_out = d.val_size if d.val_size and not d.eval_split else 0.0
     if not d.sources:
         return _source_size(d.source, d.format, d.split, d.max_samples, held_out)

@@ -28,7 +28,7 @@ def _tags(loaded: LoadedRecipe) -> list[str]:
         tags += ["bitsandbytes", f"{r.quant.bits}-bit"]
         if r.quant.bits == 4 and r.adapter.type in ("lora", "dora", "rslora"):
             tags.append("qlora")
-    if r.task in ("dpo", "orpo", "simpo", "kto"):
+    if r.task in ("dpo", "orpo", "simpo", "kto", "grpo"):
         tags.append(r.task)
     elif r.data.format != "text":
         tags.append("sft")
@@ -71,6 +71,11 @@ def _tuned_by(r) -> str:
         k = r.kto
         return (f", tuned by KTO on answers judged desirable or undesirable (beta={k.beta}, weights "
                 f"{k.desirable_weight} desirable / {k.undesirable_weight} undesirable)")
+    if r.task == "grpo":
+        g = r.grpo
+        rewards = ", ".join(f"{x.builtin or x.function} x {x.weight}" for x in g.rewards)
+        return (f", tuned by GRPO on sampled answers ({g.num_generations} per prompt, rewards {rewards}, "
+                f"beta={g.beta}, loss {g.loss_type})")
     return ""
 
 
