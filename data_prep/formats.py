@@ -115,7 +115,7 @@ def alpaca_prompt(instruction: str, input_text: str = "", template: str = "alpac
     return head + body + "### Response:\n"
 
 
-class _Record:
+class RecordReader:
     """One record being read: every complaint names the source, the index and the field."""
 
     def __init__(self, record, index: int, source: str, fmt: str, placeholders: dict[str, str]):
@@ -194,7 +194,7 @@ class _Record:
         return role, self.text(t[content], f"{where}.{content}")
 
 
-def _chat(rec: _Record, fmt: str) -> list[tuple[str, str]]:
+def _chat(rec: RecordReader, fmt: str) -> list[tuple[str, str]]:
     if fmt == "sharegpt":
         turns = _chat_turns(rec, "conversations", "from", "value", CHAT_SHAREGPT_ROLES)
         if rec.has("system"):  # LLaMA-Factory's ShareGPT variant keeps the system prompt beside the turns
@@ -209,14 +209,14 @@ def _chat(rec: _Record, fmt: str) -> list[tuple[str, str]]:
     return turns
 
 
-def _chat_turns(rec: _Record, name: str, speaker: str, content: str, roles: dict[str, str]) -> list[Turn]:
+def _chat_turns(rec: RecordReader, name: str, speaker: str, content: str, roles: dict[str, str]) -> list[Turn]:
     turns = rec.get(name)
     if not isinstance(turns, list) or not turns:
         rec.fail(f"field '{name}' must be a non-empty list of turns, got {type(turns).__name__}")
     return [_chat_turn(rec, t, f"{name}[{j}]", speaker, content, roles) for j, t in enumerate(turns)]
 
 
-def _chat_turn(rec: _Record, t, where: str, speaker: str, content: str, roles: dict[str, str]) -> Turn:
+def _chat_turn(rec: RecordReader, t, where: str, speaker: str, content: str, roles: dict[str, str]) -> Turn:
     if not isinstance(t, dict) or speaker not in t or (content not in t and not t.get("tool_calls")):
         got = ", ".join(sorted(t)) if isinstance(t, dict) else type(t).__name__
         rec.fail(f"{where} must have '{speaker}' and '{content}' (got: {got})")
@@ -240,7 +240,7 @@ def _chat_turn(rec: _Record, t, where: str, speaker: str, content: str, roles: d
                 name=t.get("name") if role == "tool" else None, call_id=t.get("tool_call_id"))
 
 
-def _content(rec: _Record, value, where: str, required: bool) -> tuple[str, str, str]:
+def _content(rec: RecordReader, value, where: str, required: bool) -> tuple[str, str, str]:
     """(text, reasoning, field of the reasoning) of a content string or list of content parts."""
     if value is None or isinstance(value, str):
         return rec.text(value, where, required), "", ""
@@ -267,7 +267,7 @@ def _content(rec: _Record, value, where: str, required: bool) -> tuple[str, str,
     return text, reasoning, reasoned_at
 
 
-def _loss_override(rec: _Record, t: dict, where: str, role: str) -> bool | None:
+def _loss_override(rec: RecordReader, t: dict, where: str, role: str) -> bool | None:
     """A turn's loss_weight (0 or 1) / train (a boolean): None where the turn has neither (its role decides)."""
     weight, flag = t.get("loss_weight"), t.get("train")
     if weight is not None and weight not in (0, 1):
@@ -292,7 +292,7 @@ def _drop_nulls(value):
     return value
 
 
-def _json(rec: _Record, value, where: str):
+def _json(rec: RecordReader, value, where: str):
     if not isinstance(value, str):
         return value
     try:
@@ -301,7 +301,7 @@ def _json(rec: _Record, value, where: str):
         rec.fail(f"field '{where}' is not valid JSON ({e.msg} at character {e.pos}): {value[:80]!r}")
 
 
-def _calls(rec: _Record, value, where: str) -> tuple[dict, ...]:
+def _calls(rec: RecordReader, value, where: str) -> tuple[dict, ...]:
     """Tool calls as {"name", "arguments": object} (the shape chat templates render)."""
     value = _json(rec, value, where)
     calls = []
@@ -319,7 +319,7 @@ def _calls(rec: _Record, value, where: str) -> tuple[dict, ...]:
     return tuple(calls)
 
 
-def _tools(rec: _Record) -> list[dict] | None:
+def _tools(rec: RecordReader) -> list[dict] | None:
     """The record's tool schemas (a JSON string, as LLaMA-Factory stores them, or a list)."""
     value = rec.get("tools", required=False)
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -330,7 +330,7 @@ def _tools(rec: _Record) -> list[dict] | None:
     return [_drop_nulls(t) for t in value] or None
 
 
-def _other_task(rec: _Record, fmt: str, text_field: str) -> None:
+def _other_task(rec: RecordReader, fmt: str, text_field: str) -> None:
     """Refuse fields another task reads: read as SFT, the record would train on what they mark."""
     for name, task in OTHER_TASK_FIELDS.items():
         if rec.has(name) and not (fmt == "text" and name == text_field):
@@ -338,7 +338,7 @@ def _other_task(rec: _Record, fmt: str, text_field: str) -> None:
                      f"as a good answer: set the task that reads it, or drop '{name}' from the records")
 
 
-def _answer(rec: _Record, name: str) -> str:
+def _answer(rec: RecordReader, name: str) -> str:
     """One side of a preference pair: a string, a ShareGPT turn, or a message list ending with the answer."""
     value = rec.get(name)
     if isinstance(value, str):
@@ -357,7 +357,7 @@ def _answer(rec: _Record, name: str) -> str:
     rec.fail(f"field '{name}' must be a string, a turn, or a list of messages, got {type(value).__name__}")
 
 
-def _pair(rec: _Record) -> Pair:
+def _pair(rec: RecordReader) -> Pair:
     chosen, rejected = _answer(rec, "chosen"), _answer(rec, "rejected")
     if rec.has("conversations"):  # LLaMA-Factory's pair layout: the conversation, then one chosen/rejected turn
         prompt = rec.turns("conversations", "from", "value", SHAREGPT_ROLES)
@@ -386,7 +386,7 @@ def to_examples(
     """Check every record against the format; turns per record (a Pair for preference data)."""
     out, scored = [], False
     for i, raw in enumerate(records):
-        rec = _Record(raw, i, source, fmt, placeholders or {})
+        rec = RecordReader(raw, i, source, fmt, placeholders or {})
         if fmt == "text":
             out.append([("text", rec.field(text_field))])
         elif fmt == "alpaca":

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data_prep.errors import DataError
-from data_prep.formats import MESSAGE_ROLES, SHAREGPT_ROLES
+from data_prep.formats import MESSAGE_ROLES, SHAREGPT_ROLES, RecordReader
 
 # Where the verdict is read from: trl's column, then LLaMA-Factory's (its KTO data tags ShareGPT conversations).
 LABEL_FIELDS = ("label", "kto_tag")
@@ -35,34 +35,19 @@ class Unpaired:
         yield "assistant", self.completion
 
 
-class _Reader:
+class _Reader(RecordReader):
+    """A record read as format unpaired: the shared reader's complaints (source, index, field, null or missing),
+    and the unpaired layout's text and turns."""
+
     def __init__(self, record, index: int, source: str, placeholders: dict[str, str]):
-        self.index, self.source, self.placeholders = index, source, placeholders
-        if not isinstance(record, dict):
-            self.fail(f"expected a mapping of fields, got {type(record).__name__}")
-        self.record = record
-
-    def fail(self, message: str):
-        raise DataError(f"{self.source}: record {self.index}: {message}")
-
-    def has(self, name: str) -> bool:
-        return self.record.get(name) is not None
-
-    def get(self, name: str):
-        if not self.has(name):
-            filled = ", ".join(sorted(k for k, v in self.record.items() if v is not None)) or "no fields"
-            self.fail(f"missing field '{name}' for format 'unpaired' (the record has: {filled}); format unpaired "
-                      "reads prompt/completion/label, or messages with label (or kto_tag)")
-        return self.record[name]
+        super().__init__(record, index, source, "unpaired", placeholders)
 
     def text(self, value, where: str) -> str:
         if not isinstance(value, str):
             self.fail(f"field '{where}' must be a string, got {type(value).__name__}")
         if not value.strip():
             self.fail(f"field '{where}' is empty")
-        for key, filler in self.placeholders.items():
-            value = value.replace("{{" + key + "}}", filler)
-        return value
+        return self.fill(value)
 
     def turn(self, t, where: str) -> tuple[str, str]:
         speaker, content = ("from", "value") if isinstance(t, dict) and "from" in t else ("role", "content")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 # Real public sample data (Alpaca, ShareGPT, preference pairs, C4, ...) kept beside the project, not in it.
@@ -179,3 +180,15 @@ def pytest_collection_modifyitems(config, items):
                  if module in collected for name in sorted(names - collected[module])]
         if stale:
             raise pytest.UsageError(f"tests/conftest.py names tests that do not exist (renamed?): {', '.join(stale)}")
+
+
+class StopAt(TrainerCallback):
+    """Ends training after `step` as a kill would, but cleanly: checkpoints up to there are on disk."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control

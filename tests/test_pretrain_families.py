@@ -20,7 +20,7 @@ from hf_vram.recipe.load import find_recipe, load_recipe
 from hf_vram.runners.run import finish, setup
 from hf_vram.train.moe_router import expert_load
 
-from .conftest import SAMPLE_DATA
+from .conftest import SAMPLE_DATA, StopAt
 
 SHAKESPEARE = SAMPLE_DATA / "tinyshakespeare.txt"
 PROMPT = "the small cat"
@@ -262,18 +262,6 @@ def test_moe_aux_loss_weight_does_not_grow_with_grad_accum(corpus, tmp_path):
     # Measured with transformers 5.24: ratio 1.99 (and 4.16 with grad_accum 4): the model adds coef x aux to every
     # micro-batch's loss, which the Trainer no longer divides by grad_accum (see the report on GuardedTrainer).
     assert 0.75 < ratio < 1.33, f"the aux loss weighs {ratio:.2f}x more with grad_accum 2 than with 1"
-
-
-class StopAt(TrainerCallback):
-    """Ends training after `step` as a kill would, but cleanly: checkpoints up to there are on disk."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
 
 
 def test_pretrain_run_resumes_from_its_last_complete_checkpoint(corpus, tmp_path):

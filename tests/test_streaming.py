@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer
 
 from data_prep.errors import DataError
 from data_prep.prepare import load_examples, prepare_dataset
@@ -19,7 +19,7 @@ from hf_vram.recipe.load import load_recipe
 from hf_vram.recipe.schema import DataSection
 from hf_vram.runners.run import finish, setup
 
-from .conftest import SAMPLE_DATA, write_recipe
+from .conftest import SAMPLE_DATA, StopAt, write_recipe
 
 
 def _jsonl(path, records):
@@ -121,18 +121,6 @@ def test_a_packed_stream_trains(tmp_path, tiny_base, arithmetic_jsonl):
     recipe["train"]["max_steps"] = 2
     summary = finish(setup(load_recipe(str(write_recipe(tmp_path, "p", recipe)))))
     assert summary["global_step"] == 2
-
-
-class StopAt(TrainerCallback):
-    """Ends training after `step` as a kill would, but cleanly: checkpoints up to there are on disk."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
 
 
 def test_a_resumed_stream_continues_where_it_stopped(tmp_path, tiny_base, arithmetic_jsonl):
