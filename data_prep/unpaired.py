@@ -36,28 +36,19 @@ class Unpaired:
 
 
 class _Reader(RecordReader):
-    """A record read as format unpaired: the shared reader's complaints (source, index, field, null or missing),
-    and the unpaired layout's text and turns."""
+    """A record read as format unpaired: the shared reader's text and complaints (source, index, field, null or
+    missing), and turns in either chat layout (ShareGPT's from/value or role/content)."""
 
     def __init__(self, record, index: int, source: str, placeholders: dict[str, str]):
         super().__init__(record, index, source, "unpaired", placeholders)
-
-    def text(self, value, where: str) -> str:
-        if not isinstance(value, str):
-            self.fail(f"field '{where}' must be a string, got {type(value).__name__}")
-        if not value.strip():
-            self.fail(f"field '{where}' is empty")
-        return self.fill(value)
 
     def turn(self, t, where: str) -> tuple[str, str]:
         speaker, content = ("from", "value") if isinstance(t, dict) and "from" in t else ("role", "content")
         if not isinstance(t, dict) or speaker not in t or content not in t:
             got = ", ".join(sorted(t)) if isinstance(t, dict) else type(t).__name__
             self.fail(f"{where} must have 'role' and 'content' (or 'from' and 'value') (got: {got})")
-        role = _ROLES.get(str(t[speaker]).lower())
-        if role is None:
-            self.fail(f"{where}.{speaker} is '{t[speaker]}'; expected one of {', '.join(sorted(_ROLES))}")
-        return role, self.text(t[content], f"{where}.{content}")
+        # Either layout's roles, checked and read by the shared reader.
+        return super().turn(t, where, speaker, content, _ROLES)
 
     def turns(self, value, where: str) -> list[tuple[str, str]]:
         if not isinstance(value, list) or not value:

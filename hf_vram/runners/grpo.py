@@ -16,9 +16,8 @@ from data_prep.formats import CHAT_FORMATS
 from data_prep.grpo import grpo_dataset, grpo_examples
 from data_prep.tokenizer import load_tokenizer
 from hf_vram.errors import UserError
-from hf_vram.runners.lm import LMRunner
+from hf_vram.runners.lm import LMRunner, first_and_last
 from hf_vram.runners.lm_data import LMData
-from hf_vram.runners.preference import first_and_last
 from hf_vram.train.rewards import reward_functions
 from hf_vram.train.trainers import GuardedGRPOTrainer
 

@@ -193,9 +193,7 @@ class DPORunner(LMRunner):
         return {"peft_config": peft_config}
 
     def task_metrics(self) -> dict:
-        margins = [e["rewards/margins"] for e in self.trainer.state.log_history if "rewards/margins" in e]
-        return {"first_reward_margin": margins[0] if margins else None,
-                "final_reward_margin": margins[-1] if margins else None}
+        return first_and_last(self.trainer.state.log_history, "rewards/margins", "reward_margin")
 
 
 class PretrainRunner(LMRunner):
@@ -208,6 +206,12 @@ class PretrainRunner(LMRunner):
         from transformers import default_data_collator
 
         return {"data_collator": default_data_collator}  # equal-length blocks: stacked, nothing to pad
+
+
+def first_and_last(log_history: list[dict], key: str, name: str) -> dict:
+    """The first and the last logged value of a training metric, as first_NAME / final_NAME."""
+    values = [e[key] for e in log_history if key in e]  # held-out values are logged as eval_KEY
+    return {f"first_{name}": values[0] if values else None, f"final_{name}": values[-1] if values else None}
 
 
 def _measured_once(path, measure, write: bool = True) -> dict:

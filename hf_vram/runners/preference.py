@@ -4,14 +4,8 @@ adapter switched off, as DPO's is. Everything else (data, model, output, card) i
 
 from __future__ import annotations
 
-from hf_vram.runners.lm import LMRunner
+from hf_vram.runners.lm import DPORunner, LMRunner, first_and_last
 from hf_vram.train.trainers import GuardedCPOTrainer, GuardedKTOTrainer, GuardedORPOTrainer
-
-
-def first_and_last(log_history: list[dict], key: str, name: str) -> dict:
-    """The first and the last logged value of a training metric, as first_NAME / final_NAME."""
-    values = [e[key] for e in log_history if key in e]  # held-out values are logged as eval_KEY
-    return {f"first_{name}": values[0] if values else None, f"final_{name}": values[-1] if values else None}
 
 
 class _PairedRunner(LMRunner):
@@ -37,14 +31,10 @@ class SimPORunner(_PairedRunner):
     trainer_class = GuardedCPOTrainer
 
 
-class KTORunner(LMRunner):
+class KTORunner(DPORunner):
+    # As DPO's, trl's KTOTrainer wraps the model in the adapter itself, and then scores its reference (and the KL
+    # reference point) with the adapter switched off: no second copy of the model.
     trainer_class = GuardedKTOTrainer
-    # trl's KTOTrainer wraps the model in the adapter itself, and then scores its reference (and the KL reference
-    # point) with the adapter switched off: no second copy of the model.
-    wrap_adapter = False
-
-    def trainer_kwargs(self, peft_config) -> dict:
-        return {"peft_config": peft_config}
 
     def task_metrics(self) -> dict:
         history = self.trainer.state.log_history
