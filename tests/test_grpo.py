@@ -201,3 +201,19 @@ def test_init_adapter_must_be_a_finished_adapter(tmp_path):
     assert init_adapter_path(loaded) == tmp_path
     with pytest.raises(RecipeError, match="continues a LoRA adapter"):
         load_recipe(GSM8K, [f"grpo.init_adapter={tmp_path}", "adapter.type=none", "quant.bits=null"])
+
+
+def test_init_adapter_recipe_is_a_dependency_and_a_missing_one_is_named(tmp_path):
+    from hf_vram.recipe.references import dependencies
+
+    names = [d.name for d in dependencies(load_recipe("demo-grpo"))]
+    assert names == ["demo-base", "demo-sft-short"]  # both trained first when missing, in that order
+    with pytest.raises(RecipeError, match=r"grpo.init_adapter: no recipe 'demo-sft-shrt' to train first \(did you "
+                                          r"mean 'demo-sft-short'\?\)"):
+        load_recipe("demo-grpo", ["grpo.init_adapter=recipe:demo-sft-shrt"])
+    recipe = write_recipe(tmp_path, "mine", {"extends": str(find_recipe("demo-grpo")),
+                                             "grpo": {"init_adapter": "runs/sft"}})
+    with pytest.raises(RecipeError, match=r"grpo.init_adapter: directory 'runs/sft' does not exist \(read relative to "):
+        load_recipe(str(recipe))
+    (tmp_path / "runs" / "sft").mkdir(parents=True)
+    assert load_recipe(str(recipe)).recipe.grpo.init_adapter == "runs/sft"

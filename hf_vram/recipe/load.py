@@ -381,6 +381,13 @@ def _check_model_refs(recipe: Recipe, at, folder: Path) -> list[str]:
     if recipe.moe:
         refs += [(f"moe.experts.{i}.source_model", e.source_model) for i, e in enumerate(recipe.moe.experts)]
     problems = []
+    init = recipe.grpo.init_adapter if recipe.task == "grpo" else None
+    if init and not init.startswith("recipe:") and not (folder / Path(init).expanduser()).exists():
+        # Read relative to the recipe file, as hf_vram/runners/grpo.py reads it.
+        problems.append(f"{at('grpo.init_adapter')}: grpo.init_adapter: directory '{init}' does not exist "
+                        f"(read relative to {folder})")
+    elif init:
+        refs.append(("grpo.init_adapter", init))
     for key, ref in refs:
         if ref and ref.startswith("recipe:"):
             dep = ref.removeprefix("recipe:")

@@ -1,6 +1,7 @@
-"""Recipe dependencies: a model, tokenizer or expert named `recipe:NAME` is that recipe's output directory. NAME is a
-shipped recipe or a path, read relative to the recipe that names it. This module only finds them; training the
-ones not trained yet is the dispatcher's job (hf_vram/runners/run.py), before the recipe's own runner starts."""
+"""Recipe dependencies: a model, tokenizer, expert or GRPO starting adapter named `recipe:NAME` is that recipe's
+output directory. NAME is a shipped recipe or a path, read relative to the recipe that names it. This module only
+finds them; training the ones not trained yet is the dispatcher's job (hf_vram/runners/run.py), before the
+recipe's own runner starts."""
 
 from __future__ import annotations
 
@@ -27,11 +28,13 @@ def resolve_reference(loaded: LoadedRecipe, ref: str | None) -> str | None:
 def _references(loaded: LoadedRecipe) -> list[str | None]:
     r = loaded.recipe
     experts = [e.source_model for e in r.moe.experts] if r.task == "assemble" else []
-    return [r.model.name_or_path, r.tokenizer.name_or_path, *experts]
+    init_adapter = [r.grpo.init_adapter] if r.task == "grpo" else []
+    return [r.model.name_or_path, r.tokenizer.name_or_path, *experts, *init_adapter]
 
 
 def dependencies(loaded: LoadedRecipe) -> list[LoadedRecipe]:
-    """Every recipe this one names (model, tokenizer, experts), each once, in the order named."""
+    """Every recipe this one names (model, tokenizer, experts, the adapter GRPO starts from), each once, in the
+    order named."""
     found: dict[str, LoadedRecipe] = {}
     for ref in _references(loaded):
         dep = dependency(loaded, ref)

@@ -60,7 +60,7 @@ def init_adapter_path(loaded) -> Path:
 
     ref = loaded.recipe.grpo.init_adapter
     dep = dependency(loaded, ref)
-    path = dep.output_dir if dep is not None else (loaded.path.parent / ref).expanduser()
+    path = dep.output_dir if dep is not None else loaded.path.parent / Path(ref).expanduser()
     if dep is not None and not (path / "train_summary.json").is_file():
         raise UserError(f"grpo.init_adapter: {ref} has not finished training ({path}): run `hf-vram train "
                         f"{dep.name}` first")

@@ -74,8 +74,9 @@ def _tuned_by(r) -> str:
     if r.task == "grpo":
         g = r.grpo
         rewards = ", ".join(f"{x.builtin or x.function} x {x.weight}" for x in g.rewards)
+        start = f", starting from the adapter of `{g.init_adapter}`" if g.init_adapter else ""
         return (f", tuned by GRPO on sampled answers ({g.num_generations} per prompt, rewards {rewards}, "
-                f"beta={g.beta}, loss {g.loss_type})")
+                f"beta={g.beta}, loss {g.loss_type}){start}")
     return ""
 
 
@@ -132,6 +133,12 @@ def _result_rows(s: dict) -> list[tuple[str, object]]:
     if s.get("final_kl") is not None:
         start = f"{num(s['first_kl'])} -> " if s.get("first_kl") is not None else ""
         rows.append(("KTO KL estimate (policy vs reference)", start + num(s["final_kl"])))
+    # GRPO's mean sampled reward, in all and per reward function (hf_vram/runners/grpo.py's task_metrics).
+    grpo = s.get("task") == "grpo"
+    for key in sorted(k for k in s if grpo and k.startswith("final_reward")):
+        first = s.get("first" + key.removeprefix("final"))
+        name = key.removeprefix("final_reward").lstrip("_") or "total"
+        rows.append((f"GRPO mean reward ({name})", (f"{num(first)} -> " if first is not None else "") + num(s[key])))
     if s.get("eval_rewards/accuracies") is not None:
         rows.append(("held-out preference accuracy", f"{s['eval_rewards/accuracies']:.1%}"))
     if "trainable_params" in s and "total_params" in s:
