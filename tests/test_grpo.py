@@ -131,6 +131,29 @@ def test_plan_counts_the_generation_and_the_gsm8k_recipe_fits_a_12_gb_card():
     assert {i.name: i.bytes for i in more.items}["generation"] > items["generation"] and more.peak > plan.peak
 
 
+def test_plan_time_counts_the_sampling_bound_by_memory_bandwidth():
+    from dataclasses import replace
+
+    from hf_vram.vram.gpus import get_gpu
+    from hf_vram.vram.plan import format_plan, plan_recipe
+
+    card = get_gpu("rtx4070")
+    plan = plan_recipe(load_recipe(GSM8K), card)
+    # The 7B's 5.2 GiB of 4-bit weights read once per decoded token at 60% of 504 GB/s, and about a hundred kernel
+    # launches per block: 384 tokens take 10 s; the prefill of 16 prompts of 256 tokens 4 s more.
+    assert 13 < plan.sampling_seconds < 17, plan.sampling_seconds
+    training = plan.steps * plan.tokens_per_step * plan.flops_per_token / (card.bf16_tflops * 1e12 * plan.mfu)
+    assert plan.seconds == pytest.approx(training + plan.steps * plan.sampling_seconds)
+    # Decoding is bound by bandwidth: twice the bandwidth, at the same FLOPs, samples faster; twice the completion
+    # length, nearly twice the decoding.
+    faster = plan_recipe(load_recipe(GSM8K), replace(card, memory_gbps=2 * card.memory_gbps))
+    assert faster.sampling_seconds < 0.8 * plan.sampling_seconds
+    longer = plan_recipe(load_recipe(GSM8K, ["grpo.max_completion_length=768"]), card)
+    assert 1.5 * plan.sampling_seconds < longer.sampling_seconds < 2 * plan.sampling_seconds
+    assert f"sampling included: {plan.sampling_seconds:.1f} s a step" in format_plan(load_recipe(GSM8K), plan)
+    assert plan_recipe(load_recipe("demo"), card).sampling_seconds == 0  # no sampling outside task grpo
+
+
 @pytest.fixture(scope="module")
 def gsm8k_like_file(tmp_path_factory) -> str:
     """The generated training sums as GSM8K's records: a question and a worked answer ending in `#### N`."""

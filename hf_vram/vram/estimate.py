@@ -87,6 +87,29 @@ def generation_item(config, recipe: Recipe, act: int) -> Item:
                 f"{g.num_generations}) sampled at once: KV cache of {seq} tokens each and next-token logits")
 
 
+# Sampling (task grpo) is bound by memory traffic, not FLOPs: each new token of the generation batch reads every
+# weight once (bitsandbytes 0.50 multiplies 4-bit weights without gradients in a fused kernel, gemm_4bit, reading
+# them as stored) and the KV cache so far. transformers' generate reaches about DECODE_EFFICIENCY of the card's
+# bandwidth, and eager transformers + peft launch about a hundred kernels per block per token (LAUNCH_PER_LAYER
+# seconds of a block's launches, what a small model's decoding is bound by). Estimates, not measurements.
+DECODE_EFFICIENCY = 0.6
+LAUNCH_PER_LAYER = 3e-4
+
+
+def generation_seconds(config, recipe: Recipe, gpu: GPU, read_bytes: int, n_params: int) -> float:
+    """Seconds of sampling in one optimizer step of task grpo: trl generates train.micro_batch_size x grad_accum
+    completions in one call per step (steps_per_generation = grad_accum); the prompts' prefill is compute at the
+    recipe's MFU, then grpo.max_completion_length decoding steps (every completion run to the limit: an upper bound),
+    each reading read_bytes (weights and adapter) and on average half the full KV cache."""
+    t, g = recipe.train, recipe.grpo
+    seqs = t.micro_batch_size * t.grad_accum
+    kind = "qlora" if recipe.quant.bits else "adapter" if recipe.adapter.type != "none" else "full"
+    prefill = 2.0 * n_params * seqs * recipe.data.max_length / (gpu.bf16_tflops * 1e12 * MFU[kind])
+    cache = generation_item(config, recipe, 2).bytes  # the KV cache at full length (and a few logits)
+    per_token = (read_bytes + cache / 2) / (gpu.memory_gbps * 1e9 * DECODE_EFFICIENCY)
+    return prefill + g.max_completion_length * (per_token + LAUNCH_PER_LAYER * config.num_hidden_layers)
+
+
 TILED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "bitnet")
 # bitsandbytes' 8-bit AdamW, paged or not.
 OPTIMIZERS_8BIT = ("adamw_8bit", "paged_adamw_8bit")
@@ -118,6 +141,7 @@ class Plan:
     host_bytes: int = 0  # offloaded activations, in pinned CPU memory (not on the card)
     savings: list[str] = field(default_factory=list)  # what each memory saving saves (hf_vram/vram/plan.py)
     notes: list[str] = field(default_factory=list)
+    sampling_seconds: float = 0.0  # task grpo: generating the completions, per optimizer step (in seconds already)
 
     @property
     def total(self) -> int:
@@ -423,11 +447,13 @@ def estimate(config, recipe: Recipe, gpu: GPU, compute_dtype: str = "bfloat16", 
     mfu = MFU[kind]
     step_tokens = micro * t.grad_accum * seq * trained_sequences(recipe)
     seconds = steps * step_tokens * fpt / (gpu.bf16_tflops * 1e12 * mfu) if steps else None
+    sampling = generation_seconds(config, recipe, gpu, b["weights"] + b.get("adapter", 0), counts.total) if recipe.task == "grpo" else 0.0
+    seconds = seconds + steps * sampling if seconds is not None else None
     settings = {k: getattr(t, k) for k in ("micro_batch_size", "grad_accum", "gradient_checkpointing", "optimizer")}
     settings["max_length"] = seq
     return Plan(items, gpu, counts.total, trainable, settings, fpt, step_tokens, steps, seconds, mfu,
                 step_peak=step_peak, peak=step_peak + CUDA_CONTEXT + slack, notes=_notes(config, recipe, counts, act),
-                host_bytes=a.host)
+                host_bytes=a.host, sampling_seconds=sampling)
 
 
 def _notes(config, recipe: Recipe, counts: Counts, act: int) -> list[str]:

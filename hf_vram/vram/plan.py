@@ -194,12 +194,20 @@ def format_plan(loaded: LoadedRecipe, plan: Plan) -> str:
     lines += getattr(plan, "savings", [])
     lines += [f"  note: {n}" for n in plan.notes]
     rate = f"{plan.flops_per_token:.3g} FLOPs/token at {plan.mfu:.0%} MFU of {plan.gpu.bf16_tflops} TFLOPS bf16"
+    sampling = ""
+    if plan.sampling_seconds:
+        each = plan.sampling_seconds
+        each = f"{each:.1f} s" if each >= 0.1 else f"{each * 1000:.0f} ms"
+        sampling = (f", sampling included: {each} a step for the completions, decoding bound by "
+                    f"{plan.gpu.memory_gbps:,.0f} GB/s of memory bandwidth")
     if plan.seconds:
         lines.append(f"  time: {plan.steps:,} steps x {plan.tokens_per_step:,} tokens, {rate}: {rough_duration(plan.seconds)} "
-                     "(every sample counted at data.max_length: an upper bound unless packed)")
+                     f"(every sample counted at data.max_length: an upper bound unless packed{sampling})")
     else:
         per_step = plan.tokens_per_step * plan.flops_per_token / (plan.gpu.bf16_tflops * 1e12 * plan.mfu)
-        lines.append(f"  time: {per_step:.2f} s per step of {plan.tokens_per_step:,} tokens, {rate} (dataset size unknown)")
+        per_step += plan.sampling_seconds
+        lines.append(f"  time: {per_step:.2f} s per step of {plan.tokens_per_step:,} tokens, {rate} (dataset size "
+                     f"unknown{sampling})")
     return "\n".join(lines)
 
 

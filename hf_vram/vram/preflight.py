@@ -43,4 +43,5 @@ def current_gpu() -> GPU:
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     known = next((g for g in GPUS.values() if g.name.split()[1] in props.name), None)
-    return GPU(props.name, props.total_memory / GiB, known.bf16_tflops if known else 100.0)
+    return GPU(props.name, props.total_memory / GiB, known.bf16_tflops if known else 100.0,
+               known.memory_gbps if known else 500.0)
