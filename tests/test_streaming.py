@@ -178,3 +178,28 @@ def test_the_planner_never_reads_a_streamed_corpus_to_count_it(tmp_path, tiny_ba
 
     monkeypatch.setattr(data_prep.sources, "read_records", refuse)
     assert dataset_size(loaded) is None
+
+
+def test_two_processes_share_one_stream_without_reading_a_sample_twice(tmp_path, tiny_base, alpaca_jsonl):
+    """With --nproc 2, accelerate's dispatcher (the default for an IterableDataset) reads the stream on the main
+    process and hands each rank its own part of every batch: two ranks of micro-batch 4 train on exactly the
+    samples one process of micro-batch 8 trains on (trl counts the tokens of every rank; Alpaca's answers differ in
+    length, so two ranks reading the same samples would count other totals), and end identical."""
+    from .conftest import run_cli
+
+    two = sft_recipe(tiny_base, alpaca_jsonl, tmp_path / "two", max_length=512)
+    proc = run_cli("train", str(write_recipe(tmp_path, "two", two)), "--nproc", "2", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / SUMMARY).read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 6 and summary["samples"] == "streamed"
+    assert len(set(summary["rank_checksums"])) == 1, "DDP kept the ranks' weights identical"
+
+    one = sft_recipe(tiny_base, alpaca_jsonl, tmp_path / "one", max_length=512)
+    one["train"]["micro_batch_size"] = 8
+    run = setup(load_recipe(str(write_recipe(tmp_path, "one", one))))
+    finish(run)
+    # The final checkpoint's trainer state holds the two-process run's log.
+    two_history = json.loads((tmp_path / "two" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    single = [e["num_tokens"] for e in run.trainer.state.log_history if "loss" in e]
+    both = [e["num_tokens"] for e in two_history if "loss" in e]
+    assert len(both) == 6 and both == single, (both, single)
