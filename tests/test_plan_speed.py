@@ -159,6 +159,34 @@ def test_an_unknown_base_is_a_clear_error_within_seconds_when_the_hub_does_not_a
                                          "did not answer in 1.5 s, and not a known base)"), got
 
 
+SEVERAL = """
+import sys, time
+from hf_vram.recipe.load import load_recipe
+from hf_vram.vram.diffusion_plan import DiffusionShapes
+from hf_vram.vram.configs import resolve_config
+for name in sys.argv[1:]:
+    loaded = load_recipe(name)  # its checks import the model classes: not timed
+    start = time.monotonic()
+    DiffusionShapes(loaded) if loaded.recipe.task == "diffusion" else resolve_config(loaded, light=True)
+    print(name, time.monotonic() - start, flush=True)
+"""
+
+
+def test_a_silent_hub_costs_one_deadline_per_process_and_diffusion_parts_do_not_retry(tmp_path, silent_hub):
+    """The first look-up waits out the 1.5 s deadline; the next ones, Hub bases and a diffusion recipe's VAE and
+    text encoder alike, are answered from the known configs at once, with no huggingface_hub retries."""
+    env = {**os.environ, **HUB_ENV, "HF_ENDPOINT": silent_hub, "HF_HOME": str(tmp_path)}
+    names = ["llama7b-qlora-alpaca", "mistral7b-qlora-alpaca", "unet-text2img-64", "pixart-24m-text2img"]
+    r = subprocess.run([sys.executable, "-c", SEVERAL, *names], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    seconds = {name: float(t) for name, t in (line.split() for line in r.stdout.splitlines())}
+    assert seconds["llama7b-qlora-alpaca"] > 1.4, seconds  # the deadline, waited once
+    assert all(seconds[n] < 1.0 for n in names[1:]), seconds
+    assert "Retrying" not in r.stderr, r.stderr[-2000:]
+    assert "not asked again for 60 s): planning stabilityai/sd-vae-ft-mse from hf-vram's known config" in r.stderr
+
+
 @pytest.fixture
 def answering_hub():
     """A loopback Hub that serves one config.json (NousResearch/Llama-2-7b-hf's, with a vocabulary of 32,002) the

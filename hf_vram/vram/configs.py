@@ -169,19 +169,43 @@ def hub_config_file(ref: str, filename: str = "config.json") -> tuple[str | None
         return None, f"the Hub did not give {ref}'s {filename} ({type(e).__name__})"
 
 
+# Hub hosts that gave no HTTP answer at all (a stalled or absent network, not a missing file) -> (when, why): for
+# HUB_SILENCE_SECONDS they are not asked again, so that `hf-vram table` or validating a folder of recipes pays the
+# deadline once, not once per recipe.
+_SILENT_HUBS: dict[str, tuple[float, str]] = {}
+HUB_SILENCE_SECONDS = 60.0
+
+
 def _hub_answers(ref: str, filename: str) -> str:
     """"" when the Hub answers a HEAD request for the file within the timeout, else why not. The request runs in a
     thread joined with that deadline: httpx's timeouts do not cover name resolution (httpcore2's sync backend
     calls socket.create_connection, whose getaddrinfo no timeout bounds)."""
+    import time
+    from urllib.parse import urlparse
+
+    from huggingface_hub import hf_hub_url
+
+    url = hf_hub_url(ref, filename)
+    host = urlparse(url).netloc
+    silent = _SILENT_HUBS.get(host)
+    if silent is not None and time.monotonic() - silent[0] < HUB_SILENCE_SECONDS:
+        return f"{silent[1]} (asked {time.monotonic() - silent[0]:.0f} s ago; not asked again for {HUB_SILENCE_SECONDS:g} s)"
+    why = _ask_hub(url, ref, filename)
+    if why.startswith("the Hub did not answer"):
+        _SILENT_HUBS[host] = (time.monotonic(), why)
+    return why
+
+
+def _ask_hub(url: str, ref: str, filename: str) -> str:
+    """_hub_answers' one HEAD request (for ref's filename at url), under the deadline."""
     import threading
 
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import constants, get_hf_file_metadata
     from huggingface_hub.errors import HfHubHTTPError
 
     timeout = HUB_TIMEOUT
     if constants.HF_HUB_ETAG_TIMEOUT != constants.DEFAULT_ETAG_TIMEOUT:  # the user's own setting
         timeout = constants.HF_HUB_ETAG_TIMEOUT
-    url = hf_hub_url(ref, filename)
     outcome: list[BaseException | None] = []
 
     def ask() -> None:

@@ -47,14 +47,31 @@ MFU_DIFFUSION = 0.30
 
 
 def _config_or_known(ref: str, known: dict, what: str, load):
-    """A frozen part's config: from a local folder or the Hub, else hf-vram's table of the shipped recipes' parts."""
-    try:
-        return load(ref)
-    except (OSError, ValueError):
-        if ref in known:
-            return dict(known[ref])
-        raise ConfigUnavailable(f"diffusion.{what}: cannot read the config of '{ref}' (offline, and not a known one); "
-                        "download it once or give a local path") from None
+    """A frozen part's config: from a local folder or the Hub, else hf-vram's table of the shipped recipes' parts.
+    A Hub id is asked for as the language-model planner asks (configs.hub_config_file: the HF cache, else one
+    request under a deadline), never through huggingface_hub's retries, which wait 23 s or more per part when the
+    Hub does not answer."""
+    import sys
+
+    from hf_vram.vram.configs import hub_config_file
+
+    why = ""
+    if not Path(ref).expanduser().exists():
+        file, why = hub_config_file(ref)
+        ref_or_folder = str(Path(file).parent) if file is not None else None
+    else:
+        ref_or_folder = ref
+    if ref_or_folder is not None:
+        try:
+            return load(ref_or_folder)
+        except (OSError, ValueError) as e:
+            why = f"{ref}'s config cannot be read ({e})"
+    if ref in known:
+        if why:
+            print(f"[hf-vram] {why}: planning {ref} from hf-vram's known config", file=sys.stderr, flush=True)
+        return dict(known[ref])
+    raise ConfigUnavailable(f"diffusion.{what}: cannot read the config of '{ref}' ({why or 'offline: HF_HUB_OFFLINE'}, "
+                            "and not a known one); download it once or give a local path") from None
 
 
 def vae_config(ref: str) -> dict:
