@@ -133,6 +133,7 @@ UNIT_TESTS: dict[str, set[str]] = {
     "test_diffusion.py": {"test_recipe_errors_for_diffusion"},
     "test_diffusion_recipes.py": {"test_every_shipped_diffusion_recipe_is_covered"},
     "test_hub_push.py": {"test_model_card_names_hub_base_and_dataset"},
+    "test_loss_plot.py": {"test_curves_are_read_from_a_trainer_log_and_drawn", "test_smoothing_is_debiased"},
     "test_long_context.py": {
         "test_cpu_fused_head_equals_trls_kernel",
         "test_liger_kernels_refused_where_they_cannot_run",

@@ -15,13 +15,12 @@ from data_prep.atomic import atomic_write_text
 class LossHistory:
     def __init__(self, output_dir: Path, resumed_step: int, main: bool):
         self.path, self.main = Path(output_dir) / "loss_history.jsonl", main
-        self.values: list[float] = []
+        self.lines: list[dict] = []  # {"step", "loss", "lr"} of every step so far
         if self.path.is_file():
             lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-            self.values = [json.loads(line)["loss"] for line in lines][:resumed_step]
+            self.lines = [json.loads(line) for line in lines][:resumed_step]
         if main:
-            atomic_write_text(self.path, "".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
-                                                 for i, v in enumerate(self.values)))
+            atomic_write_text(self.path, "".join(json.dumps(e) + "\n" for e in self.lines))
         self._pending: list[tuple[int, torch.Tensor, float]] = []
 
     def add(self, step: int, loss: torch.Tensor, lr: float) -> None:
@@ -35,8 +34,13 @@ class LossHistory:
         losses = torch.stack([loss.float() for _, loss, _ in self._pending]).tolist()
         done = [(step, loss, lr) for (step, _, lr), loss in zip(self._pending, losses)]
         self._pending.clear()
-        self.values += [loss for _, loss, _ in done]
+        lines = [{"step": step, "loss": loss, "lr": lr} for step, loss, lr in done]
+        self.lines += lines
         if self.main:
             with open(self.path, "a") as f:
-                f.writelines(json.dumps({"step": step, "loss": loss}) + "\n" for step, loss, _ in done)
+                f.writelines(json.dumps(e) + "\n" for e in lines)
         return done
+
+    @property
+    def values(self) -> list[float]:
+        return [e["loss"] for e in self.lines]

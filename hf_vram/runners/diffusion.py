@@ -30,6 +30,7 @@ from hf_vram.errors import UserError
 from hf_vram.output.checkpoints import completed_step, discard_incomplete, latest_complete, mark_complete, rotate
 from hf_vram.output.finite import FiniteLossWatch
 from hf_vram.output.loss_history import LossHistory
+from hf_vram.output.loss_plot import curves_from_steps, write_loss_png
 from hf_vram.output.memory import log_memory
 from hf_vram.output.publish import log
 from hf_vram.output.summary import peak_memory, reset_peak_memory
@@ -204,6 +205,7 @@ class DiffusionRunner(Runner):
             self._epoch(accelerator.skip_first_batches(loader, skip) if skip else loader)
             skip, epoch = 0, epoch + 1
         self._flush()
+        self._draw_losses()
         self.train_seconds = time.time() - start
         accelerator.wait_for_everyone()
         if accelerator.log_with:
@@ -267,6 +269,7 @@ class DiffusionRunner(Runner):
         if self.step % t.save_steps == 0 and not last:
             self._flush()  # never a checkpoint of weights a non-finite loss produced
             save_state_checkpoint(self.accelerator, self.out, self.step, t.save_total_limit)
+            self._draw_losses()
 
     def _flush(self) -> None:
         """The pending losses read (one sync), checked, written, logged."""
@@ -276,6 +279,11 @@ class DiffusionRunner(Runner):
                 self.accelerator.log({"train/loss": loss, "train/lr": lr}, step=step)
             if self.is_main and (step % self.recipe.train.logging_steps == 0 or step == self.total_steps):
                 log(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e}")
+
+    def _draw_losses(self) -> None:
+        """OUTPUT_DIR/loss.png of the steps so far (main process)."""
+        if self.is_main:
+            write_loss_png(self.out, curves_from_steps(self.history.lines), f"{self.loaded.name} (task diffusion)")
 
     def _grid_path(self) -> Path:
         return self.out / "samples" / f"step-{self.step:06d}.png"

@@ -20,6 +20,7 @@ from hf_vram.builders.training_args import training_args
 from hf_vram.device import torch_dtype
 from hf_vram.evaluate import scorable, score
 from hf_vram.output.checkpoints import CommitCheckpoints, discard_incomplete, latest_complete
+from hf_vram.output.loss_plot import LossPicture
 from hf_vram.output.memory import MemoryLog
 from hf_vram.output.publish import log
 from hf_vram.output.summary import peak_memory, reset_peak_memory
@@ -86,7 +87,8 @@ class LMRunner(Runner):
 
     def _callbacks(self, tokenizer) -> list:
         recipe = self.recipe
-        callbacks = [CommitCheckpoints(keep=recipe.train.save_total_limit), MemoryLog(self.out)]
+        callbacks = [CommitCheckpoints(keep=recipe.train.save_total_limit), MemoryLog(self.out),
+                     LossPicture(f"{self.loaded.name} (task {recipe.task})")]
         if recipe.eval.sample_during_training and recipe.eval.sample_prompts:
             callbacks.append(SampleText(tokenizer, recipe.eval.sample_prompts, recipe.eval.max_new_tokens, self.out))
         if recipe.train.lr_scheduler == "two_stage":
