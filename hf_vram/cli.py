@@ -168,26 +168,39 @@ def _cmd_assemble(args) -> int:
 
 
 def _cmd_plan(args) -> int:
+    """The plan on each card named (--gpu, repeatable; the RTX 4070 when none is); 0 when it fits every one."""
     from hf_vram.recipe.load import load_recipe
     from hf_vram.tasks import task_of
     from hf_vram.vram.gpus import get_gpu
 
-    gpu = get_gpu(args.gpu)
+    gpus = [get_gpu(name) for name in args.gpu or ["rtx4070"]]
+    if args.png:
+        from hf_vram.vram.plan_plot import png_target
+
+        png_target(args.png)
     loaded = load_recipe(args.recipe, args.overrides)
     planner = task_of(loaded.recipe).make_planner()
     if planner is None:
         print(f"{loaded.name}: task {loaded.recipe.task} trains nothing on the GPU ({task_of(loaded.recipe).summary}); "
               "plan the recipe that trains its output (model.name_or_path: recipe:NAME)")
         return 0
-    plan = planner.plan(loaded, gpu)
-    print(planner.format(loaded, plan))
-    if args.longest:
-        print(planner.longest(loaded, gpu))
-    if args.fit and not _print_fit(planner, loaded, gpu, args):
-        return 1
+    code, plans = 0, []
+    for gpu in gpus:
+        plan = planner.plan(loaded, gpu)
+        plans.append((gpu.name, plan))
+        print(planner.format(loaded, plan))
+        if args.longest:
+            print(planner.longest(loaded, gpu))
+        if args.fit and not _print_fit(planner, loaded, gpu, args):
+            code = 1
+        code = code or (0 if plan.fits or args.fit else 1)
     if args.measure:
         print(planner.measure(loaded))
-    return 0 if plan.fits or args.fit else 1
+    if args.png:
+        from hf_vram.vram.plan_plot import write_plan_png
+
+        print(f"plan picture: {write_plan_png(args.png, plans, f'{loaded.name}: predicted peak memory')}")
+    return code
 
 
 def _print_fit(planner, loaded, gpu, args) -> bool:
@@ -209,14 +222,24 @@ def _print_fit(planner, loaded, gpu, args) -> bool:
 
 def _cmd_table(args) -> int:
     from hf_vram.vram.gpus import get_gpu
-    from hf_vram.vram.table import format_table, table_rows
+    from hf_vram.vram.table import format_table, table_plans
 
     gpu = get_gpu(args.gpu)
-    md, csv_text = format_table(table_rows(gpu), gpu)
+    if args.png:
+        from hf_vram.vram.plan_plot import png_target
+
+        png_target(args.png)
+    rows, plans = table_plans(gpu)
+    md, csv_text = format_table(rows, gpu)
     print(md)
     if args.csv:
         Path(args.csv).write_text(csv_text)
         print(f"\nwritten to {args.csv}")
+    if args.png:
+        from hf_vram.vram.plan_plot import write_plan_png
+
+        path = write_plan_png(args.png, plans, f"Shipped recipes on {gpu.name}: predicted peak memory")
+        print(f"\nplan picture: {path}")
     return 0
 
 
@@ -346,7 +369,9 @@ def _add_planning_commands(sub) -> None:
     s = sub.add_parser("plan", help="predict peak VRAM and training time of a recipe on a card (no weights loaded)")
     s.add_argument("recipe", help="a shipped recipe name or a path to a YAML recipe")
     s.add_argument("overrides", nargs="*", metavar="key.path=value")
-    s.add_argument("--gpu", default="rtx4070", help="rtx3060, rtx4070 (default), rtx4090, a100-40gb, a100-80gb, h100")
+    s.add_argument("--gpu", action="append", help="rtx3060, rtx4070 (default), rtx4090, a100-40gb, a100-80gb, h100; "
+                   "give it several times to plan on several cards")
+    s.add_argument("--png", metavar="FILE", help="also draw the plan as a stacked bar per card into this PNG file")
     s.add_argument("--fit", action="store_true", help="change micro-batch, checkpointing, optimizer until it fits")
     s.add_argument("--measure", action="store_true", help="also measure one real step on the CPU beside the prediction")
     s.add_argument("--longest", action="store_true", help="the longest sequence that trains at micro-batch 1 on the card")
@@ -355,6 +380,7 @@ def _add_planning_commands(sub) -> None:
     s = sub.add_parser("table", help="predicted memory, fit and time of every shipped recipe on a card")
     s.add_argument("--gpu", default="rtx4070")
     s.add_argument("--csv", help="also write the table as CSV to this file")
+    s.add_argument("--png", metavar="FILE", help="also draw every recipe's plan as a stacked bar into this PNG file")
     s.set_defaults(func=_cmd_table)
 
 

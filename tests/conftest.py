@@ -133,6 +133,8 @@ UNIT_TESTS: dict[str, set[str]] = {
     "test_diffusion.py": {"test_recipe_errors_for_diffusion"},
     "test_diffusion_recipes.py": {"test_every_shipped_diffusion_recipe_is_covered"},
     "test_hub_push.py": {"test_model_card_names_hub_base_and_dataset"},
+    "test_plan_plot.py": {"test_one_stacked_bar_per_card_with_its_capacity_and_the_peak",
+                          "test_plan_cli_draws_three_bars_and_refuses_a_missing_folder"},
     "test_loss_plot.py": {"test_curves_are_read_from_a_trainer_log_and_drawn", "test_smoothing_is_debiased"},
     "test_long_context.py": {
         "test_cpu_fused_head_equals_trls_kernel",

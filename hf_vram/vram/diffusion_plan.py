@@ -384,9 +384,9 @@ class DiffusionPlanner:
     def measure(self, loaded: LoadedRecipe) -> str:
         return "--measure: a diffusion plan is already a measurement (of one step on fake tensors at full size)"
 
-    def table_row(self, loaded: LoadedRecipe, gpu: GPU) -> dict:
+    def table_row(self, loaded: LoadedRecipe, gpu: GPU, plan: Plan | None = None) -> dict:
         from hf_vram.vram.report import fit_cell
 
-        plan = self.plan(loaded, gpu)
+        plan = plan or self.plan(loaded, gpu)  # the caller's, when it planned already
         return {"kind": f"diffusion {loaded.recipe.model.arch}", **fit_cell(plan, lambda: self.fit(loaded, gpu)),
                 "longest_context": "-"}

@@ -250,11 +250,11 @@ class LMPlanner:
 
         return measure_and_compare(loaded)
 
-    def table_row(self, loaded: LoadedRecipe, gpu: GPU) -> dict:
+    def table_row(self, loaded: LoadedRecipe, gpu: GPU, plan: Plan | None = None) -> dict:
         from hf_vram.vram.report import fit_cell
 
         r, inputs = loaded.recipe, self.inputs(loaded)
-        plan = self.plan(loaded, gpu)
+        plan = plan or self.plan(loaded, gpu)  # the caller's, when it planned already
         return {
             "kind": r.task + (f" {r.adapter.type}" if r.adapter.type != "none" else " full")
             + (f" {r.quant.bits}-bit" if r.quant.bits else ""),

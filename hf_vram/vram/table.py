@@ -9,12 +9,22 @@ from hf_vram.vram.gpus import GPU
 
 def table_rows(gpu: GPU) -> list[dict]:
     """One row per shipped recipe: kind, parameters, predicted peak, whether it fits (and how, fitted), time."""
-    rows = []
+    return table_plans(gpu)[0]
+
+
+def table_plans(gpu: GPU) -> tuple[list[dict], list[tuple[str, object]]]:
+    """table_rows, and the (name, plan) of each recipe that trains on the GPU (the table's picture)."""
+    rows, plans = [], []
     for name, path in shipped_recipes().items():
         loaded = load_recipe(str(path))
         planner = task_of(loaded.recipe).make_planner()
-        rows.append({"recipe": name, **(planner.table_row(loaded, gpu) if planner else _untrained_row(loaded))})
-    return rows
+        if planner is None:
+            rows.append({"recipe": name, **_untrained_row(loaded)})
+            continue
+        plan = planner.plan(loaded, gpu)
+        plans.append((name, plan))
+        rows.append({"recipe": name, **planner.table_row(loaded, gpu, plan)})
+    return rows, plans
 
 
 def _untrained_row(loaded) -> dict:
