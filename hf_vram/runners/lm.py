@@ -18,11 +18,14 @@ from data_prep.atomic import atomic_write_json, atomic_write_text
 from hf_vram.builders.model import build_model, expose_bias_of_trainable_tokens, scan_path, trainable_and_total
 from hf_vram.builders.training_args import training_args
 from hf_vram.device import torch_dtype
+from hf_vram.errors import TrainingStopped
 from hf_vram.evaluate import scorable, score
 from hf_vram.output.checkpoints import CommitCheckpoints, discard_incomplete, latest_complete
 from hf_vram.output.loss_plot import LossPicture
 from hf_vram.output.memory import MemoryLog
+from hf_vram.output.progress import Progress
 from hf_vram.output.publish import log
+from hf_vram.output.stop import StopOnRequest, clear_stop, stopped_message
 from hf_vram.output.summary import peak_memory, reset_peak_memory
 from hf_vram.runners.base import Runner
 from hf_vram.runners.lm_data import LMData, corpus_data, examples_data
@@ -69,6 +72,7 @@ class LMRunner(Runner):
             if scan_path(model.config):
                 log(scan_path(model.config))
             discard_incomplete(out)
+            clear_stop(out)
             atomic_write_text(out / "recipe.yaml", self.loaded.resolved_yaml())
         self.trainer = self.trainer_class(
             model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=data.tokenizer,
@@ -87,8 +91,9 @@ class LMRunner(Runner):
 
     def _callbacks(self, tokenizer) -> list:
         recipe = self.recipe
+        self.stop = StopOnRequest(self.out)
         callbacks = [CommitCheckpoints(keep=recipe.train.save_total_limit), MemoryLog(self.out),
-                     LossPicture(f"{self.loaded.name} (task {recipe.task})")]
+                     LossPicture(f"{self.loaded.name} (task {recipe.task})"), Progress(self.out), self.stop]
         if recipe.eval.sample_during_training and recipe.eval.sample_prompts:
             callbacks.append(SampleText(tokenizer, recipe.eval.sample_prompts, recipe.eval.max_new_tokens, self.out))
         if recipe.train.lr_scheduler == "two_stage":
@@ -124,6 +129,8 @@ class LMRunner(Runner):
         reset_peak_memory()
         start = time.time()
         result = trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
+        if self.stop.stopped_at is not None:
+            raise TrainingStopped(stopped_message(self.stop.stopped_at))
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         summary.update(
             first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
