@@ -13,7 +13,7 @@ GPU    ?= rtx4070
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install finetune train validate plan table test test-fast lint bench clean
+.PHONY: install finetune train validate plan table ui test test-fast lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ plan: $(STAMP)
 
 table: $(STAMP)
 	$(BIN)/hf-vram table --gpu $(GPU) --csv outputs/recipes-on-$(GPU).csv
+
+# The local web app on http://127.0.0.1:7860 over this folder (recipes/, outputs/); Ctrl-C ends it, runs go on.
+ui: $(STAMP)
+	$(BIN)/hf-vram ui $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

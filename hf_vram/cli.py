@@ -220,6 +220,16 @@ def _print_fit(planner, loaded, gpu, args) -> bool:
     return True
 
 
+def _cmd_ui(args) -> int:
+    from hf_vram.ui.app import serve
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise UserError(f"--root {root}: not a folder")
+    serve(root, args.host, args.port, args.auth)
+    return 0
+
+
 def _cmd_table(args) -> int:
     from hf_vram.vram.gpus import get_gpu
     from hf_vram.vram.table import format_table, table_plans
@@ -346,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_commands(sub)
     _add_planning_commands(sub)
     _add_output_commands(sub)
+    s = sub.add_parser("ui", help="the local web app: recipes, the plan on a card, runs and their curves, outputs")
+    s.add_argument("--root", default=".", help="the folder of your recipes (ROOT/recipes) and runs (ROOT/outputs)")
+    s.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--auth", metavar="USER:PASSWORD", help="a login, required on any address but this machine's")
+    s.set_defaults(func=_cmd_ui)
     return p
 
 
