@@ -143,7 +143,7 @@ class App:
         return f"Pushed: {push_output(self.outputs / run_name, repo_id or None)}"
 
 
-def build(root: Path):
+def build_app(root: Path):
     """The gr.Blocks app over ROOT."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
@@ -174,4 +174,4 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = 7860, auth: str | Non
         raise UserError(f"--host {host}: the UI starts training runs; on an address other machines reach, give "
                         "--auth user:password")
     print(f"hf-vram ui on http://{host}:{port} (folder {Path(root).resolve()}); Ctrl-C ends it, runs go on", flush=True)
-    build(root).launch(server_name=host, server_port=port, auth=users, show_error=False, quiet=True, theme=theme())
+    build_app(root).launch(server_name=host, server_port=port, auth=users, show_error=False, quiet=True, theme=theme())
