@@ -31,6 +31,10 @@ IGNORE_PATTERNS = [
     "score_before.json",  # kept for resuming; the card and train_summary.json hold both scores
     "eval_before.json",  # likewise for the held-out metrics
     "merged/*",  # `hf-vram merge`'s default destination: a full model, pushed on its own if wanted
+    "progress.json",  # a running training's step and ETA (hf_vram/output/progress.py); loss.png is pushed
+    "STOP",  # a stop request (hf_vram/output/stop.py)
+    "ui-run.json",  # the UI's record of the process it started (hf_vram/ui/runs.py)
+    "ui-run.log",  # that process's console output
     "*.lock",
     "*.tmp",
     "*.tmp-*",  # data_prep.atomic's temporaries, left by a kill mid-write
