@@ -142,6 +142,11 @@ def test_a_run_is_started_watched_stopped_resumed_and_generates(ui, page, tmp_pa
     _wait_for(page, "run-state", "stopped")
     page.locator("#resume").click()
     _wait_for(page, "run-state", "running")
+    assert "resident (CPU run)" in _text(page, "run-state")  # the memory the runner logs, step by step
+    page.reload()  # mid-run: the page comes back to the run going on
+    page.get_by_role("tab", name="Runs").click()
+    _choose(page, "run-choice", "small")
+    _wait_for(page, "run-state", "running")
     _wait_for(page, "run-state", "finished", timeout=300)
     page.screenshot(path=str(shots / "4-run-finished.png"))
     assert "resumed_from" in (out / "train_summary.json").read_text() and (out / "loss.png").is_file()

@@ -101,6 +101,8 @@ class App:
         state = f"**{run_name}**: {info.status}" + (f", step {info.step}/{info.max_steps}" if info and info.step else "")
         if info and info.status == "running" and info.eta_seconds is not None:
             state += f", about {info.eta_seconds:.0f} s left"
+        if memory := runs.memory_line(out):
+            state += f"; {memory}"
         return rows, str(picture) if picture else None, runs.log_tail(out), state
 
     def stop(self, run_name: str) -> str:
@@ -121,7 +123,7 @@ class App:
             raise UserError(f"{run_name} has no model card (README.md) yet: it is written when the run finishes")
         text = path.read_text()
         body = text.split("---", 2)[2] if text.startswith("---") else text  # the card's YAML header left out
-        return body, f"Model card of `{run_name}`."
+        return body, runs.sample_grids(self.outputs / run_name), f"Model card of `{run_name}`."
 
     def generate(self, run_name: str, prompt: str) -> str:
         from hf_vram.generate import pipeline_generate

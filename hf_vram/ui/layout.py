@@ -111,6 +111,7 @@ def _outputs_tab(app, gr, status):
             finished = gr.Dropdown(app.finished(), label="finished run", allow_custom_value=True, elem_id="output-choice")
             refresh = gr.Button("Refresh", elem_id="output-refresh")
         card = gr.Markdown(elem_id="output-card")
+        grids = gr.Gallery(label="sample grids (diffusion runs)", elem_id="output-samples", columns=4, height="auto")
         with gr.Row():
             prompt = gr.Textbox(label="prompt", elem_id="generate-prompt", scale=3)
             generate = gr.Button("Generate", elem_id="generate")
@@ -120,7 +121,7 @@ def _outputs_tab(app, gr, status):
             repo = gr.Textbox(label="Hub repository (owner/name)", elem_id="push-repo")
             push = gr.Button("Push to the Hub", elem_id="push")
     refresh.click(lambda: gr.update(choices=app.finished()), [], [finished])
-    finished.change(shown(app.card, 2, status_at=1), [finished], [card, status])
+    finished.change(shown(app.card, 3), [finished], [card, grids, status])
     generate.click(shown(app.generate, 2, status_at=1), [finished, prompt], [answer, status])
     merge.click(shown(app.merge, 1), [finished], [status])
     push.click(shown(app.push, 1), [finished, repo], [status])

@@ -115,7 +115,8 @@ def log_tail(output_dir: Path, lines: int = 40) -> str:
         return ""
     text = path.read_bytes()[-20000:].decode("utf-8", "replace")
     # Progress bars rewrite their line with carriage returns: keep the last state of each line.
-    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
+    # (str.splitlines would split at the carriage returns too.)
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.rstrip("\n").split("\n")[-lines:])
 
 
 def run_curves(output_dir: Path) -> Curves:
@@ -138,3 +139,26 @@ def loss_picture(output_dir: Path, into: Path) -> Path | None:
     path = into / f"loss-{Path(output_dir).name}-{len(curves.train)}.png"
     path.write_bytes(render_loss_png(curves, Path(output_dir).name))
     return path
+
+
+def memory_line(output_dir: Path) -> str:
+    """The run's memory at its last step, from OUTPUT_DIR/memory.jsonl (hf_vram/output/memory.py): the card's
+    reserved and peak memory on a GPU, the process's resident memory on the CPU."""
+    path = Path(output_dir) / "memory.jsonl"
+    if not path.is_file():
+        return ""
+    lines = path.read_bytes()[-4000:].decode("utf-8", "replace").splitlines()
+    try:
+        last = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return ""  # the line being written
+    gib = 2**30
+    if "cuda_reserved_bytes" in last:
+        return (f"GPU memory at step {last['step']}: {last['cuda_reserved_bytes'] / gib:.2f} GiB reserved, peak "
+                f"{last['cuda_max_reserved_bytes'] / gib:.2f} GiB")
+    return f"memory at step {last['step']}: {last['cpu_rss_bytes'] / gib:.2f} GiB resident (CPU run)"
+
+
+def sample_grids(output_dir: Path) -> list[str]:
+    """A diffusion run's sample grids (OUTPUT_DIR/samples/*.png), oldest first."""
+    return [str(p) for p in sorted((Path(output_dir) / "samples").glob("*.png"))]
