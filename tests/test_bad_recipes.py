@@ -237,7 +237,7 @@ def test_train_options_and_overrides_parse_in_any_order(argv):
 
 def test_overrides_keep_their_order_around_options():
     args = build_parser().parse_args(["plan", "demo", "a=1", "--fit", "a=2", "--gpu", "h100", "b=3"])
-    assert (args.overrides, args.fit, args.gpu) == (["a=1", "a=2", "b=3"], True, "h100")
+    assert (args.overrides, args.fit, args.gpu) == (["a=1", "a=2", "b=3"], True, ["h100"])  # --gpu repeats
 
 
 def test_arguments_a_command_does_not_take_are_still_refused(capsys):
