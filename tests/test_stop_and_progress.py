@@ -42,3 +42,19 @@ def test_a_stop_request_saves_a_checkpoint_and_the_same_command_resumes(tmp_path
     assert progress["step"] == 6 and progress["eta_seconds"] == 0
     lines = [json.loads(line) for line in (out / LOG_LINES).read_text().splitlines()]
     assert [e["step"] for e in lines if "loss" in e] == [1, 2, 3, 4, 5, 6]  # the resumed run's file starts from the checkpoint's log
+
+
+def test_the_diffusion_loop_stops_on_request_with_a_checkpoint_and_resumes(tmp_path):
+    from .test_diffusion import unet_recipe
+
+    out = tmp_path / "out"
+    path = write_recipe(tmp_path, "unet", unet_recipe(out, max_steps=4, lr=1e-3, logging_steps=1))
+    run = setup(load_recipe(str(path)))
+    request_stop(out)  # pressed before the first step ends
+    with pytest.raises(TrainingStopped, match=r"after step 1: checkpoint-1 is kept"):
+        finish(run)
+    assert (out / "checkpoint-1").is_dir() and not (out / "train_summary.json").exists()
+    run = setup(load_recipe(str(path)))
+    assert not (out / STOP_FILE).exists()
+    summary = finish(run)
+    assert summary["global_step"] == 4 and summary["resumed_from"].endswith("checkpoint-1")

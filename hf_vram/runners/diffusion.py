@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 
 from data_prep.atomic import atomic_write_text
-from hf_vram.errors import UserError
+from hf_vram.errors import TrainingStopped, UserError
 from hf_vram.output.checkpoints import completed_step, discard_incomplete, latest_complete, mark_complete, rotate
 from hf_vram.output.finite import FiniteLossWatch
 from hf_vram.output.loss_history import LossHistory
 from hf_vram.output.loss_plot import curves_from_steps, write_loss_png
 from hf_vram.output.memory import log_memory
 from hf_vram.output.publish import log
+from hf_vram.output.stop import clear_stop, stop_requested, stopped_message
 from hf_vram.output.summary import peak_memory, reset_peak_memory
 from hf_vram.runners.base import Runner
 from hf_vram.train.denoising import (
@@ -175,6 +176,7 @@ class DiffusionRunner(Runner):
         accelerator = self.accelerator
         if self.is_main:
             discard_incomplete(self.out)
+            clear_stop(self.out)
             atomic_write_text(self.out / "recipe.yaml", self.loaded.resolved_yaml())
         accelerator.wait_for_everyone()
         self.resume = latest_complete(self.out)
@@ -270,6 +272,11 @@ class DiffusionRunner(Runner):
             self._flush()  # never a checkpoint of weights a non-finite loss produced
             save_state_checkpoint(self.accelerator, self.out, self.step, t.save_total_limit)
             self._draw_losses()
+        elif not last and stop_requested(self.out):  # OUTPUT_DIR/STOP: a checkpoint, then stop (resumable)
+            self._flush()
+            save_state_checkpoint(self.accelerator, self.out, self.step, t.save_total_limit)
+            self._draw_losses()
+            raise TrainingStopped(stopped_message(self.step))
 
     def _flush(self) -> None:
         """The pending losses read (one sync), checked, written, logged."""
