@@ -321,9 +321,25 @@ def _cmd_push(args) -> int:
 def _cmd_merge(args) -> int:
     from hf_vram.merge import merge_adapter
 
+    if args.gguf:
+        from hf_vram.export.quantize import check_kinds
+
+        check_kinds(args.gguf)  # before the merge: a type that cannot be written is said at once
     dest = merge_adapter(Path(args.output_dir), Path(args.out) if args.out else None, args.dtype, args.max_shard_size)
     print(f"merged model written to {dest}")
-    return 0
+    if not args.gguf:
+        return 0
+    from hf_vram.export.export import export_merged
+    from hf_vram.export.report import report
+
+    return report(export_merged(dest, args.gguf, check=args.check))
+
+
+def _cmd_export(args) -> int:
+    from hf_vram.export.export import export_gguf
+    from hf_vram.export.report import report
+
+    return report(export_gguf(Path(args.output_dir), args.gguf, check=args.check))
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -401,7 +417,7 @@ def _add_planning_commands(sub) -> None:
 
 
 def _add_output_commands(sub) -> None:
-    """generate, merge, assemble and push: model directories read or written (assemble builds one from dense
+    """generate, merge, export, assemble and push: model directories read or written (assemble builds one from dense
     checkpoints)."""
     s = sub.add_parser("generate", help="generate from an output directory through transformers.pipeline")
     s.add_argument("output_dir")
@@ -416,7 +432,14 @@ def _add_output_commands(sub) -> None:
     s.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="dtype of the merged weights (auto: the base's own)")
     s.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (an index is written when sharded)")
+    _add_gguf_options(s, required=False)
     s.set_defaults(func=_cmd_merge)
+
+    s = sub.add_parser("export", help="write an output as GGUF for llama.cpp and Ollama (an adapter merged first), "
+                       "with a Modelfile, into OUTPUT_DIR/gguf")
+    s.add_argument("output_dir", help="an output directory (adapter or full model)")
+    _add_gguf_options(s, required=True)
+    s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("assemble", help="build a Mixtral-style MoE from dense checkpoints (a task assemble recipe, "
                        "or mergekit-moe's own YAML)")
@@ -432,6 +455,13 @@ def _add_output_commands(sub) -> None:
     vis.add_argument("--private", dest="private", action="store_true", default=None, help="create the repository private")
     vis.add_argument("--public", dest="private", action="store_false", help="create the repository public")
     s.set_defaults(func=_cmd_push)
+
+
+def _add_gguf_options(s, required: bool) -> None:
+    s.add_argument("--gguf", nargs="+", metavar="TYPE", required=required,
+                   help="GGUF types: f16, bf16, q8_0, f32; K-quants (q4_k_m, q5_k_m, q6_k, ...) with the llama-cpp extra")
+    s.add_argument("--check", action="store_true", help="round trip: transformers (and llama.cpp when installed) "
+                   "load each file and must give the full model's greedy answer; logits compared")
 
 
 def _quiet_known_noise() -> None:

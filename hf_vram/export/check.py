@@ -1,0 +1,81 @@
+"""The round trip that checks an export: transformers loads the GGUF (`gguf_file=`) and must give the full model's
+greedy answer with close logits; where llama-cpp-python is installed, llama.cpp's greedy tokens must equal
+transformers' on the same prompt ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RoundTrip:
+    gguf: str
+    tokens_equal: bool  # the GGUF's tokenizer (rebuilt by transformers from the metadata) encodes the prompt alike
+    max_abs_logit_diff: float  # over every position of the prompt, against the full model in float32
+    max_abs_logit: float
+    answer: str  # the full model's greedy answer
+    gguf_answer: str  # transformers on the GGUF
+    llama_cpp_answer: str | None = None  # llama.cpp on the GGUF, when installed
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def same_answer(self) -> bool:
+        return self.answer == self.gguf_answer and self.llama_cpp_answer in (None, self.answer)
+
+
+def _greedy(model, ids, n: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def _until_eos(ids: list[int], eos: set[int]) -> list[int]:
+    return next((ids[:i] for i, t in enumerate(ids) if t in eos), ids)
+
+
+def llama_cpp_greedy(gguf_path: Path, ids: list[int], n: int, eos: set[int]) -> list[int]:
+    """llama.cpp's greedy continuation of token ids (no sampling: top_k 1 at temperature 0)."""
+    import llama_cpp
+
+    model = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(len(ids) + n, 32), verbose=False, seed=0)
+    out: list[int] = []
+    for token in model.generate(ids, temp=0.0, top_k=1, reset=True):
+        if token in eos or len(out) >= n:
+            break
+        out.append(token)
+    return out
+
+
+def round_trip(model_dir: Path, gguf_path: Path, prompt: str, max_new_tokens: int) -> RoundTrip:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_vram.export.quantize import llama_cpp_available
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    folder, name = str(Path(gguf_path).parent), Path(gguf_path).name
+    gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        a, b = reference(torch.tensor([ids])).logits, loaded(torch.tensor([ids])).logits
+    eos = reference.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+    answer = _until_eos(_greedy(reference, ids, max_new_tokens), eos)
+    result = RoundTrip(
+        gguf=name,
+        tokens_equal=gguf_tokenizer(prompt)["input_ids"] == ids,
+        max_abs_logit_diff=float((a - b).abs().max()),
+        max_abs_logit=float(a.abs().max()),
+        answer=tokenizer.decode(answer),
+        gguf_answer=tokenizer.decode(_until_eos(_greedy(loaded, ids, max_new_tokens), eos)),
+    )
+    if llama_cpp_available():
+        result.llama_cpp_answer = tokenizer.decode(llama_cpp_greedy(Path(gguf_path), ids, max_new_tokens, eos))
+    else:
+        result.notes.append("llama.cpp not checked: llama-cpp-python is not installed")
+    return result
