@@ -2,6 +2,11 @@
 
 `import hf_vram.models` makes `model_type: "retnet"` configs loadable by `AutoConfig`, `AutoModel`,
 `AutoModelForCausalLM` (hence `from_pretrained(dir)` and `pipeline("text-generation", model=dir)`).
+
+Without hf-vram, a saved RetNet loads with `trust_remote_code=True`: the classes are also registered for the Auto
+classes (`register_for_auto_class`, in configuration_retnet.py and modeling_retnet.py), so `save_pretrained` writes
+`auto_map` into config.json and copies those two files, which import only torch, transformers and each other, beside
+the weights. In this process the registration below wins: transformers prefers a registered local class.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM

@@ -95,4 +95,8 @@ class RetNetConfig(PreTrainedConfig):
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
 
+# config.save_pretrained then writes `auto_map["AutoConfig"]` and copies this file beside config.json, so the config
+# loads without hf-vram (trust_remote_code=True). Here, not in the package's __init__.py: the copy registers too.
+RetNetConfig.register_for_auto_class()
+
 __all__ = ["RetNetConfig"]

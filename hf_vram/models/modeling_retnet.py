@@ -43,7 +43,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 
-from hf_vram.models.configuration_retnet import RetNetConfig
+# Relative, not through the package's name: save_pretrained copies this file and the one it imports beside the
+# weights, and transformers loads the pair as a package of its own (trust_remote_code), hf-vram not installed.
+from .configuration_retnet import RetNetConfig
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Decay and rotation (torchscale's RetNetRelPos)
@@ -417,6 +419,16 @@ class RetNetPreTrainedModel(PreTrainedModel):
         else:
             super()._init_weights(module)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """save_pretrained, with `auto_map` naming both model classes of the copied modeling file: transformers 5.24's
+        `custom_object_save` writes only the saved class's own entry, so a causal LM output would load with
+        AutoModelForCausalLM but not with AutoModel where hf-vram is not installed.
+        tests/test_retnet_remote_code.py::test_transformers_still_maps_only_the_class_being_saved fails once
+        transformers writes more than that entry itself."""
+        if self.is_remote_code():
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP_MODELS}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
 
 class RetNetModel(RetNetPreTrainedModel):
     def __init__(self, config: RetNetConfig):
@@ -607,7 +619,17 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         )
 
 
+# Registered here rather than in the package's __init__.py so that the classes are registered wherever this file
+# runs, also as a copy loaded by trust_remote_code: save_pretrained then writes `auto_map` into config.json and copies
+# this file and configuration_retnet.py beside the weights, so an output loads with transformers and torch alone.
+RetNetModel.register_for_auto_class("AutoModel")
+RetNetForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# The entries of both model classes, by the name the copied file has beside the weights (modeling_retnet).
+_MODULE = __name__.rsplit(".", 1)[-1]
+AUTO_MAP_MODELS = {"AutoModel": f"{_MODULE}.RetNetModel", "AutoModelForCausalLM": f"{_MODULE}.RetNetForCausalLM"}
+
 __all__ = [
+    "AUTO_MAP_MODELS",
     "RetNetCache",
     "RetNetCacheLayer",
     "RetNetForCausalLM",

@@ -1,0 +1,245 @@
+"""hf-vram export --gguf: every supported family written as GGUF and read back by transformers (`gguf_file=`), a
+trained QLoRA output exported through the CLI (merged first) with its Modelfile and card section, and the refusals.
+
+Tolerances are on the largest |logit difference| against the model in float32, over every position of a batch of
+prompts, on these width-64 models whose logits reach about 1 (random) to 12 (trained). Measured: f32 ~1e-6 (the
+same values), f16 ~1e-3, bf16 ~1e-2, q8_0 ~5e-2; each tolerance is about 5x the measured figure, far below the
+logit gaps that decide a greedy token on the trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from hf_vram.errors import UserError
+from hf_vram.export.gguf_file import llama3_rope_factors, write_gguf
+from hf_vram.export.modelfile import chat_template_as_go
+from hf_vram.export.quantize import check_kinds, llama_cpp_available
+
+from .conftest import run_cli, write_recipe
+
+TOL = {"f32": 1e-4, "f16": 1e-2, "bf16": 0.1, "q8_0": 0.3}
+PROMPTS = ["3 + 4 = 7. What is 2 + 6?", "9 + 0 is"]
+SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "max_position_embeddings": 128}
+FAMILIES = {
+    # grouped-query attention, so the k rows are permuted with their own head count
+    "llama": (LlamaConfig, LlamaForCausalLM, {"num_attention_heads": 4, "num_key_value_heads": 2}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"num_attention_heads": 4, "num_key_value_heads": 2}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"num_attention_heads": 4, "num_key_value_heads": 2}),
+    # head_dim 128, as every Qwen3 has: transformers (5.24) reads a qwen3 file back without its key_length and takes
+    # Qwen3Config's default; llama.cpp reads the key_length the export writes.
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128}),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                                                 "sliding_window": 64}),
+}
+
+
+def _tiny(family: str, folder, tiny_base):
+    config_class, model_class, extra = FAMILIES[family]
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    torch.manual_seed(0)
+    config = config_class(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, tie_word_embeddings=family != "llama", **SHAPE, **extra)
+    model = model_class(config)
+    with torch.no_grad():  # norms away from their initial ones, so that an offset or a missed norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.5 if family == "gemma2" else 1.0, 0.2)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model.eval(), tok
+
+
+def _max_diff(model, loaded, tok) -> float:
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a = model(**enc).logits
+        b = loaded(**enc).logits
+    keep = enc.attention_mask.bool()
+    return float((a - b).abs()[keep].max())
+
+
+def _load_gguf(path):
+    return (AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_reads_back_in_transformers(tmp_path, tiny_base, family):
+    model, tok = _tiny(family, tmp_path / "model", tiny_base)
+    written = write_gguf(tmp_path / "model", tmp_path / f"{family}.gguf", "f16")
+    loaded, gguf_tok = _load_gguf(written.path)
+    assert type(loaded).__name__ == type(model).__name__ or family == "mistral"  # a llama-arch file reads as Llama
+    assert written.types == {"F16": 2 + 7 * 2 - (family != "llama"), "F32": 1 + 2 * 2 + (2 * 2 if family == "gemma2" else 0)
+                             + (3 * 2 if family == "qwen2" else 0) + (2 * 2 if family == "qwen3" else 0)}
+    for p in PROMPTS:
+        assert gguf_tok(p)["input_ids"] == tok(p)["input_ids"]
+    assert _max_diff(model, loaded, tok) < TOL["f16"]
+
+
+@pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0"])
+def test_each_written_type_reads_back_within_its_tolerance(tmp_path, tiny_base, kind):
+    model, tok = _tiny("llama", tmp_path / "model", tiny_base)
+    written = write_gguf(tmp_path / "model", tmp_path / f"m-{kind}.gguf", kind)
+    matrices = {"f32": "F32", "bf16": "BF16", "q8_0": "Q8_0"}[kind]
+    assert written.types.get(matrices) == 16 if kind != "f32" else written.types == {"F32": 21}
+    loaded, _ = _load_gguf(written.path)
+    assert _max_diff(model, loaded, tok) < TOL[kind]
+
+
+def test_llama3_rope_factors_are_transformers_frequency_scaling():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    config = LlamaConfig(hidden_size=2048, num_attention_heads=32, max_position_embeddings=131072,
+                         rope_parameters=scaling)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    factors = llama3_rope_factors(config.to_dict())
+    # llama.cpp divides each frequency by its factor: plain / factor must be what transformers rotates by.
+    torch.testing.assert_close(plain / torch.from_numpy(factors).double(), scaled.double(), rtol=1e-5, atol=0)
+    assert factors.min() == 1.0 and factors.max() == 8.0
+
+
+def _render_go(template: str, system: str, prompt: str, response: str) -> str:
+    """Ollama's evaluation of the Go template forms the Modelfile uses: if/else/end on .System, the three values,
+    and printed string literals."""
+    template = template.replace('{{ "{{" }}', "\x01")
+    if_block = re.compile(r"\{\{ if \.System \}\}(.*?)\{\{ else \}\}(.*?)\{\{ end \}\}", re.S)
+    template = if_block.sub(lambda m: m.group(1) if system else m.group(2), template)
+    for name, value in (("System", system), ("Prompt", prompt), ("Response", response)):
+        template = template.replace(f"{{{{ .{name} }}}}", value)
+    assert "{{" not in template, template
+    return template.replace("\x01", "{{")
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+DEFAULT_SYSTEM = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a {{ '{{' }}helper}}.<|im_end|>\n"
+                  "{% endif %}" + CHATML)
+NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+             "<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}")
+
+
+@pytest.mark.parametrize("template", [CHATML, DEFAULT_SYSTEM, NO_SYSTEM], ids=["chatml", "default-system", "no-system"])
+def test_modelfile_template_renders_what_the_chat_template_renders(tiny_base, template):
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    tok.chat_template = template
+    go = chat_template_as_go(tok)
+    for system in ([None] if template is NO_SYSTEM else [None, "Be brief."]):
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+        assert _render_go(go, system or "", "What is 2 + 2?", "4") == tok.apply_chat_template(messages, tokenize=False)
+
+
+def _qlora_recipe(base, out) -> dict:
+    return {
+        "description": "tiny QLoRA for the GGUF export",
+        "model": {"name_or_path": str(base)},
+        "quant": {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "float32"},
+        "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"source": "builtin:arithmetic", "format": "alpaca", "template": "alpaca-short", "max_length": 64},
+        "train": {"output_dir": str(out), "micro_batch_size": 8, "max_steps": 15, "lr": 5e-3, "warmup": 0,
+                  "logging_steps": 5, "save_steps": 100, "report_to": []},
+        "eval": {"score_samples": 0, "sample_prompts": ["What is 2 + 6?"], "max_new_tokens": 6},
+    }
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory, tiny_base):
+    folder = tmp_path_factory.mktemp("gguf-qlora")
+    out = folder / "out"
+    run = run_cli("train", str(write_recipe(folder, "qlora", _qlora_recipe(tiny_base, out))))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+def test_a_trained_adapter_exports_with_a_modelfile_and_reads_back(trained_adapter, tiny_base):
+    from peft import PeftModel
+
+    run = run_cli("export", str(trained_adapter), "--gguf", "f16", "q8_0", "--check")
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("round trip")]
+    assert len(lines) == 2 and all("same answer: tokens equal" in line for line in lines), run.stdout
+    folder = trained_adapter / "gguf"
+    assert sorted(p.name for p in folder.iterdir()) == ["Modelfile", "out-f16.gguf", "out-q8_0.gguf"]
+    assert not [p for p in trained_adapter.iterdir() if p.name.startswith(".gguf-")]  # the temporary merge is gone
+
+    # Independently of the export's own check: the adapter on its fp32 base, as peft runs it, against the file.
+    tok = AutoTokenizer.from_pretrained(trained_adapter)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+                                          trained_adapter).eval()
+    loaded, _ = _load_gguf(folder / "out-f16.gguf")
+    assert _max_diff(reference, loaded, tok) < TOL["f16"]
+    prompt = tok("### Instruction:\nWhat is 2 + 6?\n\n### Response:\n", return_tensors="pt").input_ids
+    greedy = [m.generate(prompt, max_new_tokens=6, do_sample=False)[0].tolist() for m in (reference, loaded)]
+    assert greedy[0] == greedy[1]
+
+    modelfile = (folder / "Modelfile").read_text()
+    assert "FROM ./out-f16.gguf\n" in modelfile
+    assert 'TEMPLATE """### Instruction:\n{{ .Prompt }}\n\n### Response:\n{{ .Response }}"""' in modelfile
+    assert f"PARAMETER stop {json.dumps(tok.eos_token)}" in modelfile and "PARAMETER num_ctx 128" in modelfile
+
+    again = run_cli("export", str(trained_adapter), "--gguf", "f16")
+    assert again.returncode == 0, again.stderr[-2000:]
+    card = (trained_adapter / "README.md").read_text()
+    assert card.count("## GGUF (llama.cpp, Ollama)") == 1 and "`gguf/out-f16.gguf`" in card
+    assert "`gguf/out-q8_0.gguf`" not in card  # the section says what the last export wrote
+    assert card.startswith("---")  # the card above the section is left as training wrote it
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python (the llama-cpp extra) is not installed")
+def test_llama_cpp_greedy_tokens_equal_transformers(trained_adapter):
+    run = run_cli("export", str(trained_adapter), "--gguf", "f16", "q4_k_m", "--check")
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("round trip")]
+    assert len(lines) == 2 and all("llama.cpp" in line and "same answer" in line for line in lines), run.stdout
+
+
+def test_refusals_name_the_problem(tmp_path, tiny_base, monkeypatch):
+    retnet = tmp_path / "retnet"
+    retnet.mkdir()
+    (retnet / "config.json").write_text(json.dumps({"model_type": "retnet"}))
+    run = run_cli("export", str(retnet), "--gguf", "f16")
+    assert run.returncode == 2 and "llama.cpp has no retention (RetNet) graph" in run.stderr
+    assert "Traceback" not in run.stderr
+
+    run = run_cli("export", str(retnet), "--gguf", "q4km")
+    assert run.returncode == 2 and "unknown GGUF type" in run.stderr and "q4_k_m" in run.stderr
+
+    run = run_cli("export", str(tmp_path / "missing"), "--gguf", "f16")
+    assert run.returncode == 2 and "no such directory" in run.stderr
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if the extra were not installed: import fails
+    with pytest.raises(UserError, match=r"pip install 'hf-vram\[llama-cpp\]'"):
+        check_kinds(["q4_k_m"])
+    assert check_kinds(["F16", "q8_0", "f16"]) == ["f16", "q8_0"]
+
+    model_dir = tmp_path / "spm"
+    _tiny("llama", model_dir, tiny_base)
+    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
+    tokenizer_json["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first"}
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    with pytest.raises(UserError, match="not one llama.cpp names here"):
+        write_gguf(model_dir, tmp_path / "x.gguf", "f16")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".x.gguf*"))  # nothing half-written left
