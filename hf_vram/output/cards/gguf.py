@@ -53,12 +53,25 @@ llama-cli -m {rel[0]} -no-cnv -n 64 -p {shlex.quote(laid_out)}
 transformers reads the file too (dequantized to the dtype asked for):
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained({json.dumps(model_ref)}, gguf_file={json.dumps(rel[0])})
-tokenizer = AutoTokenizer.from_pretrained({json.dumps(model_ref)}, gguf_file={json.dumps(rel[0])})
+{_transformers_code(model_ref, rel[0])}
 ```
 {END}"""
+
+
+def _transformers_code(model_ref: str, rel: str) -> str:
+    # From the file's own folder: given the output's folder, transformers (5.24) finds adapter_config.json there
+    # and looks for the GGUF in the adapter's base instead.
+    folder, name = json.dumps(str(Path(model_ref) / Path(rel).parent)), json.dumps(Path(rel).name)
+    head = "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+    if Path(model_ref).exists():
+        return (head + f"model = AutoModelForCausalLM.from_pretrained({folder}, gguf_file={name})\n"
+                f"tokenizer = AutoTokenizer.from_pretrained({folder}, gguf_file={name})")
+    return (
+        "import os\n\nfrom huggingface_hub import hf_hub_download\n" + head
+        + f"path = hf_hub_download({json.dumps(model_ref)}, {json.dumps(rel)})\n"
+        "model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))\n"
+        "tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))"
+    )
 
 
 def add_gguf_section(readme: Path, section: str) -> None:
