@@ -42,10 +42,13 @@ def llama_cpp_greedy(gguf_path: Path, ids: list[int], n: int, eos: set[int]) -> 
 
     model = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(len(ids) + n, 32), verbose=False, seed=0)
     out: list[int] = []
-    for token in model.generate(ids, temp=0.0, top_k=1, reset=True):
-        if token in eos or len(out) >= n:
-            break
-        out.append(token)
+    try:
+        for token in model.generate(ids, temp=0.0, top_k=1, reset=True):
+            if token in eos or len(out) >= n:
+                break
+            out.append(token)
+    finally:
+        model.close()  # now, not in __del__ at interpreter exit, where llama-cpp-python 0.3 raises on its freed library
     return out
 
 

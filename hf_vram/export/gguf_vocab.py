@@ -10,6 +10,7 @@ are added, measured on the tokenizer rather than guessed from its files.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -66,27 +67,68 @@ def _adds(tokenizer, token_id: int | None, first: bool) -> bool:
     return bool(ids) and ids[0 if first else -1] == token_id and len(ids) > len(tokenizer("a", add_special_tokens=False)["input_ids"])
 
 
+def _spm_style(tokenizer_json: dict) -> bool:
+    """A SentencePiece vocabulary as transformers saves it (Llama 2, Mistral 7B, Gemma): BPE with byte fallback, spaces
+    as the "▁" piece marker."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    normalizer = json.dumps(tokenizer_json.get("normalizer") or {})
+    return bool(tokenizer_json["model"].get("byte_fallback")) and (pre.get("type") == "Metaspace" or "\u2581" in normalizer
+                                                                  or "▁" in normalizer)
+
+
+def _spm_prefix(tokenizer_json: dict) -> bool:
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    if pre.get("type") == "Metaspace":
+        return pre.get("prepend_scheme", "always") != "never"
+    return "Prepend" in json.dumps(tokenizer_json.get("normalizer") or {})
+
+
+def _add_spm(writer: gguf.GGUFWriter, tokenizer_json: dict, vocab_size: int) -> None:
+    """llama.cpp's SentencePiece tokenizer ("llama"): it merges the pair whose result scores highest, where
+    transformers' BPE takes the merge listed first. SentencePiece's BPE scores fall with the piece id, and the
+    merges transformers saves are in that order, so the score written is minus the id (the file's own
+    tokenizer.model scores, which llama.cpp's converter reads, are not saved by transformers 5)."""
+    tokens, kinds = _token_list(tokenizer_json, vocab_size)
+    unk = tokenizer_json["model"].get("unk_token")
+    for i, token in enumerate(tokens):
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            kinds[i] = int(gguf.TokenType.BYTE)
+        elif token == unk:
+            kinds[i] = int(gguf.TokenType.UNKNOWN)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0 if k != gguf.TokenType.NORMAL else -float(i) for i, k in enumerate(kinds)])
+    writer.add_token_types(kinds)
+    writer.add_add_space_prefix(_spm_prefix(tokenizer_json))
+
+
+def _add_byte_level(writer: gguf.GGUFWriter, tokenizer_json: dict, vocab_size: int, where: str) -> None:
+    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json, where))
+    tokens, kinds = _token_list(tokenizer_json, vocab_size)
+    writer.add_token_list(tokens)
+    writer.add_token_types(kinds)
+
+
 def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
     from transformers import AutoTokenizer
 
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
-        raise UserError(
-            f"{model_dir}: no tokenizer.json. The GGUF export reads byte-level BPE tokenizers (Llama 3, Qwen, "
-            "GPT-2 style); a SentencePiece-only tokenizer (tokenizer.model) is not supported yet"
-        )
+        raise UserError(f"{model_dir}: no tokenizer.json, which the GGUF export reads the vocabulary from")
     tokenizer_json = json.loads(path.read_text())
     model = tokenizer_json.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UserError(
-            f"{path}: a {model.get('type')} tokenizer{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}: "
-            "the GGUF export reads byte-level BPE tokenizers (Llama 3, Qwen, GPT-2 style) only"
-        )
-    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json, str(model_dir)))
-    tokens, kinds = _token_list(tokenizer_json, vocab_size)
-    writer.add_token_list(tokens)
-    writer.add_token_types(kinds)
+    if model.get("type") != "BPE":
+        raise UserError(f"{path}: a {model.get('type')} tokenizer: the GGUF export reads BPE tokenizers (byte-level, as "
+                        "Llama 3, Qwen and GPT-2's; or SentencePiece's, as Llama 2 and Mistral 7B's)")
+    if _spm_style(tokenizer_json):
+        _add_spm(writer, tokenizer_json, vocab_size)
+    elif model.get("byte_fallback"):
+        raise UserError(f"{path}: BPE with byte fallback but without SentencePiece's space marker: no llama.cpp form")
+    else:
+        _add_byte_level(writer, tokenizer_json, vocab_size, str(model_dir))
+    # Merges too for SentencePiece: llama.cpp reads the scores, transformers' GGUF loader the merges.
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     special.add_special_token = {
