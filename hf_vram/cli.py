@@ -342,6 +342,19 @@ def _cmd_export(args) -> int:
     return report(export_gguf(Path(args.output_dir), args.gguf, check=args.check))
 
 
+def _cmd_eval(args) -> int:
+    from hf_vram.benchmarks.harness import evaluate_output, score_lines, scores, tables
+    from hf_vram.benchmarks.tasks import split_names
+
+    if args.limit is not None and args.limit < 1 or args.batch_size < 1:
+        raise UserError("--limit and --batch-size: give a whole number of 1 or more")
+    results = evaluate_output(Path(args.output_dir), split_names(args.tasks), args.limit, args.batch_size)
+    print(tables(results))
+    for line in score_lines(scores(results)):
+        print(line)
+    return 0
+
+
 class _IntermixedParser(argparse.ArgumentParser):
     """A subcommand's parser that takes options and positionals in any order (argparse's intermixed parsing): in
     `hf-vram plan demo --gpu rtx4070 train.micro_batch_size=2` the override after the option is an override too,
@@ -455,6 +468,19 @@ def _add_output_commands(sub) -> None:
     vis.add_argument("--private", dest="private", action="store_true", default=None, help="create the repository private")
     vis.add_argument("--public", dest="private", action="store_false", help="create the repository public")
     s.set_defaults(func=_cmd_push)
+
+    s = sub.add_parser("eval", help="evaluate an output with lm-evaluation-harness tasks (the model loaded as "
+                       "training scores it: an adapter on its base quantized as in the recipe)")
+    s.add_argument("output_dir", help="an output directory of `hf-vram train` (adapter or full model)")
+    s.add_argument("--tasks", required=True, metavar="NAME[,NAME...]",
+                   help="arithmetic = hf-vram's held-out arithmetic (offline: the questions, prompt template, answer "
+                   "length and exact match of the run's own score); it shadows lm-eval's tag 'arithmetic', whose "
+                   "GPT-3 tasks keep their own names (arithmetic_1dc, ..., or 'arithmetic_*'). Any other name is an "
+                   "lm-eval task, group or tag, its data from the Hub (HF_HUB_OFFLINE=1: from the cache only)")
+    s.add_argument("--limit", type=int, metavar="N", help="only the first N examples of each task")
+    s.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="prompts per generate call (default 32, as training's score: the same batches pad alike)")
+    s.set_defaults(func=_cmd_eval)
 
 
 def _add_gguf_options(s, required: bool) -> None:

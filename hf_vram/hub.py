@@ -30,6 +30,7 @@ IGNORE_PATTERNS = [
     "prepared/*",  # tokenized data cache
     "score_before.json",  # kept for resuming; the card and train_summary.json hold both scores
     "eval_before.json",  # likewise for the held-out metrics
+    "lm_eval_before.json",  # likewise for the lm-eval scores of the starting model (eval.tasks_before)
     "merged/*",  # `hf-vram merge`'s default destination: a full model, pushed on its own if wanted
     "progress.json",  # a running training's step and ETA (hf_vram/output/progress.py); loss.png is pushed
     "STOP",  # a stop request (hf_vram/output/stop.py)

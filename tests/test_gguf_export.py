@@ -96,6 +96,57 @@ def test_each_family_reads_back_in_transformers(tmp_path, tiny_base, family):
     assert _max_diff(model, loaded, tok) < TOL["f16"]
 
 
+def _sentencepiece_style(folder):
+    """A tiny tokenizer laid out as transformers saves Llama 2's and Mistral 7B's: BPE with byte fallback, <unk> <s>
+    </s>, the 256 byte pieces, then the pieces in merge order, spaces as "▁"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers.models.llama.tokenization_llama import LlamaTokenizer
+
+    from data_prep.builtin import BUILTIN_SOURCES
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    texts = [r["text"] for r in BUILTIN_SOURCES["arithmetic"].records("text")[:500]]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    trained = json.loads(bpe.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    tok = LlamaTokenizer(vocab=vocab, merges=[tuple(m) for m in trained["merges"]])
+    tok.pad_token = tok.unk_token  # as Llama 2 fine-tunes commonly set it
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, **SHAPE, num_attention_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok
+
+
+SPM_TEXTS = ["What is 2 + 6?", "3 + 4 = 7.\n\nWhat  is 9+0? \u00e9 \u00fc \u5b57", "Hello world"]
+
+
+def test_a_sentencepiece_vocabulary_reads_back_with_its_scores(tmp_path):
+    model, tok = _sentencepiece_style(tmp_path / "spm")
+    written = write_gguf(tmp_path / "spm", tmp_path / "spm.gguf", "f16")
+    loaded, gguf_tok = _load_gguf(written.path)
+    for text in SPM_TEXTS:  # byte fallback for the characters the pieces lack
+        assert gguf_tok(text)["input_ids"] == tok(text)["input_ids"]
+    assert _max_diff(model, loaded, tok) < TOL["f16"]
+    if not llama_cpp_available():
+        return
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=str(written.path), vocab_only=True, verbose=False)
+    try:
+        for text in SPM_TEXTS:  # llama.cpp's own SentencePiece merges, by the scores written
+            assert vocab.tokenize(text.encode(), add_bos=False) == tok(text)["input_ids"], text
+        # Where they part: a text that starts with a space gets one more "▁" in llama.cpp (as in sentencepiece
+        # itself), none in transformers' Metaspace, which sees the space as the prefix already.
+        assert vocab.tokenize(b" 3", add_bos=False) == [tok.convert_tokens_to_ids("\u2581")] + tok(" 3")["input_ids"]
+    finally:
+        vocab.close()
+
+
 @pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0"])
 def test_each_written_type_reads_back_within_its_tolerance(tmp_path, tiny_base, kind):
     model, tok = _tiny("llama", tmp_path / "model", tiny_base)
@@ -206,6 +257,29 @@ def test_a_trained_adapter_exports_with_a_modelfile_and_reads_back(trained_adapt
     assert card.count("## GGUF (llama.cpp, Ollama)") == 1 and "`gguf/out-f16.gguf`" in card
     assert "`gguf/out-q8_0.gguf`" not in card  # the section says what the last export wrote
     assert card.startswith("---")  # the card above the section is left as training wrote it
+    # Every way the card says the output loads runs: pipeline, peft, and transformers on the GGUF file.
+    blocks = [b.split("```")[0] for b in card.split("```python\n")[1:]]
+    assert len(blocks) == 3 and "AutoPeftModelForCausalLM" in blocks[1] and "gguf_file=" in blocks[2]
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    # Why the card loads the GGUF from its own folder: transformers (5.24) sends an adapter folder to the base, also
+    # with gguf_file. Once it stops doing so, the card can name the output's folder.
+    with pytest.raises(OSError, match="does not appear to have a file named gguf/out-f16.gguf"):
+        AutoModelForCausalLM.from_pretrained(trained_adapter, gguf_file="gguf/out-f16.gguf")
+
+
+def test_merge_writes_gguf_beside_the_merged_model(trained_adapter, tmp_path):
+    dest = tmp_path / "merged"
+    bad = run_cli("merge", str(trained_adapter), "--out", str(dest), "--gguf", "q9")
+    assert bad.returncode == 2 and "unknown GGUF type" in bad.stderr and not dest.exists()  # refused before merging
+    run = run_cli("merge", str(trained_adapter), "--out", str(dest), "--gguf", "q8_0")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (dest / "gguf" / "merged-q8_0.gguf").is_file() and (dest / "gguf" / "Modelfile").is_file()
+    card = (dest / "README.md").read_text()
+    assert "merged" in card.split("---")[1] and "`gguf/merged-q8_0.gguf`" in card  # the merge's card, plus its files
+    model, tok = AutoModelForCausalLM.from_pretrained(dest).eval(), AutoTokenizer.from_pretrained(dest)
+    loaded, _ = _load_gguf(dest / "gguf" / "merged-q8_0.gguf")
+    assert _max_diff(model, loaded, tok) < TOL["q8_0"]
 
 
 @pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python (the llama-cpp extra) is not installed")

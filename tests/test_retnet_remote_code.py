@@ -256,3 +256,7 @@ def test_trained_output_and_checkpoint_load_without_hf_vram(tmp_path):
         print(f"max |logits, hidden| difference, hf-vram vs trust_remote_code: {diff}")
     # The final save is the last step's weights, as is checkpoint-2.
     assert clean[0]["logits"] == clean[1]["logits"]
+    # The card's code, as a user without hf-vram would paste it, says trust_remote_code.
+    card = (out / "README.md").read_text()
+    assert 'pipeline("text-generation", model=model_id, tokenizer=model_id, trust_remote_code=True)' in card
+    assert "has no GGUF form for a retnet model" in card

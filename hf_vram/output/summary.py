@@ -11,6 +11,12 @@ import torch
 from data_prep.atomic import atomic_write_json
 
 SUMMARY = "train_summary.json"
+# lm-eval's scores (hf_vram/benchmarks/harness.py scores()): task -> {metric: value, METRIC_stderr: value, samples,
+# dataset, split}, of the trained model (the recipe's eval.tasks) and of the starting one (eval.tasks_before).
+LM_EVAL_AFTER = "lm_eval_after"
+LM_EVAL_BEFORE = "lm_eval_before"
+# What a task's entry carries besides its metrics.
+SCORE_FACTS = ("samples", "dataset", "split")
 
 
 def is_finished(output_dir: Path) -> bool:
@@ -23,6 +29,18 @@ def read_summary(output_dir: Path) -> dict:
 
 def write_summary(output_dir: Path, summary: dict) -> None:
     atomic_write_json(Path(output_dir) / SUMMARY, summary)
+
+
+def score_metrics(entry: dict) -> list[str]:
+    """The metric names of one task's lm-eval scores (its stderrs and facts left out)."""
+    return [k for k in entry if k not in SCORE_FACTS and "_stderr" not in k]
+
+
+def score_stderr(entry: dict, metric: str) -> float | None:
+    """A metric's standard error in the same entry: exact_match -> exact_match_stderr, as lm-eval names them (a
+    metric read through a filter, exact_match,strict-match, has exact_match_stderr,strict-match)."""
+    name, _, where = metric.partition(",")
+    return entry.get(f"{name}_stderr" + (f",{where}" if where else ""))
 
 
 def peak_memory() -> dict:

@@ -413,6 +413,31 @@ class EvalSection(Section):
     sample_during_training: bool = False
     # Tokens generated per prompt (scoring and samples).
     max_new_tokens: int = Field(32, ge=1, le=MAX_TOKENS)
+    # lm-evaluation-harness tasks run on the trained model after training, into train_summary.json and the card's
+    # model-index: arithmetic = hf-vram's held-out arithmetic (offline, as score_samples scores it), any other name
+    # an lm-eval task, group or tag (data from the Hub). `hf-vram eval OUTPUT_DIR --tasks ...` runs them later.
+    tasks: list[str] = Field(default_factory=list)
+    # Also run eval.tasks on the starting model before training: the summary and the card show before and after.
+    tasks_before: bool = False
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, value: list[str]) -> list[str]:
+        # Whether lm-eval knows a name is checked when the run starts (its index takes seconds to build).
+        for name in value:
+            if not name.strip() or "," in name:
+                raise ValueError(f"eval.tasks: {name!r} is not a task name: give one name per list entry, e.g. "
+                                 "tasks: [arithmetic]")
+        if len(set(value)) < len(value):
+            raise ValueError(f"eval.tasks: {value} names a task twice: name each once")
+        return value
+
+    @model_validator(mode="after")
+    def _before_needs_tasks(self) -> EvalSection:
+        if self.tasks_before and not self.tasks:
+            raise ValueError("eval.tasks_before: evaluates eval.tasks before training, and eval.tasks is empty: "
+                             "name the tasks, e.g. eval.tasks: [arithmetic]")
+        return self
 
 
 # Tasks that train on chosen/rejected pairs (format preference).
@@ -623,6 +648,11 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        if self.eval.tasks and self.task in ("assemble", "diffusion"):
+            raise ValueError(f"eval.tasks: lm-evaluation-harness tasks run after a language model's training; task "
+                             f"{self.task} does not run them (for an assembled model: `hf-vram eval OUTPUT_DIR --tasks ...`)"
+                             if self.task == "assemble" else
+                             "eval.tasks: lm-evaluation-harness evaluates language models, not task diffusion")
         if self.task == "assemble":
             return self._consistent_assemble()
         self._sections_fit_task()

@@ -26,7 +26,7 @@ from hf_vram.output.memory import MemoryLog
 from hf_vram.output.progress import Progress
 from hf_vram.output.publish import log
 from hf_vram.output.stop import StopOnRequest, clear_stop, stopped_message
-from hf_vram.output.summary import peak_memory, reset_peak_memory
+from hf_vram.output.summary import LM_EVAL_AFTER, LM_EVAL_BEFORE, peak_memory, reset_peak_memory
 from hf_vram.runners.base import Runner
 from hf_vram.runners.lm_data import LMData, corpus_data, examples_data
 from hf_vram.runners.lm_output import distributed_summary, save_lm_output
@@ -43,7 +43,7 @@ class LMRunner(Runner):
     # False where the trainer wraps the model in the adapter itself (trl's DPOTrainer).
     wrap_adapter = True
 
-    trainer = tokenizer = resume = None
+    trainer = tokenizer = resume = benchmarks = None
 
     @property
     def model(self):
@@ -153,6 +153,11 @@ class LMRunner(Runner):
             summary["score_before"] = _measured_once(out / "score_before.json",
                                                      lambda: score(recipe, self.model, self.tokenizer))
             log(f"score before training: {_fmt_score(summary['score_before'])}")
+        if recipe.eval.tasks and main:
+            self._benchmarks()  # now, before training: an unknown task or a silent Hub fails the run at once
+            if recipe.eval.tasks_before:
+                summary[LM_EVAL_BEFORE] = _measured_once(out / "lm_eval_before.json", lambda: self._lm_eval(self.model))
+                log(f"lm-eval before training: {_fmt_lm_eval(summary[LM_EVAL_BEFORE])}")
         if trainer.eval_dataset is not None:
             # Every rank evaluates (it is a collective under DDP); the main one keeps the file.
             summary["eval_before"] = _measured_once(
@@ -170,6 +175,25 @@ class LMRunner(Runner):
         if self.is_main and scorable(self.recipe):
             self.summary["score_after"] = score(self.recipe, self.trainer.model, self.tokenizer)
             log(f"score after training:  {_fmt_score(self.summary['score_after'])}")
+        if self.is_main and self.recipe.eval.tasks:
+            self.summary[LM_EVAL_AFTER] = self._lm_eval(self.trainer.model)
+            log(f"lm-eval after training:  {_fmt_lm_eval(self.summary[LM_EVAL_AFTER])}")
+
+    def _benchmarks(self):
+        """eval.tasks (hf_vram/benchmarks/), checked and their data fetched once per run."""
+        if self.benchmarks is None:
+            from hf_vram.benchmarks.harness import Benchmarks
+            from hf_vram.benchmarks.tasks import PromptSettings
+
+            where = self.loaded.origins.get("eval.tasks", str(self.loaded.path))  # file:line, or command line
+            self.benchmarks = Benchmarks(self.recipe.eval.tasks, PromptSettings.of(self.recipe), f"{where}: eval.tasks")
+        return self.benchmarks
+
+    def _lm_eval(self, model) -> dict:
+        """lm-eval's scores of the model in memory, as `score` scores it (hf-vram eval loads a saved one)."""
+        from hf_vram.benchmarks.harness import scores
+
+        return scores(self._benchmarks().run(model, self.tokenizer))
 
     def card(self) -> str:
         from hf_vram.output.cards.lm import lm_card
@@ -235,3 +259,9 @@ def _measured_once(path, measure, write: bool = True) -> dict:
 
 def _fmt_score(s: dict) -> str:
     return f"{s['accuracy']:.1%} exact match ({s['correct']}/{s['total']} held-out)"
+
+
+def _fmt_lm_eval(scores: dict) -> str:
+    from hf_vram.benchmarks.harness import score_lines
+
+    return "; ".join(score_lines(scores))

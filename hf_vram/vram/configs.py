@@ -160,7 +160,7 @@ def hub_config_file(ref: str, filename: str = "config.json") -> tuple[str | None
         return cached, ""
     if constants.is_offline_mode():
         return None, ""  # asked for by HF_HUB_OFFLINE: no notice
-    why = _hub_answers(ref, filename)
+    why = hub_answers(ref, filename)
     if why:
         return None, why
     try:
@@ -176,7 +176,7 @@ _SILENT_HUBS: dict[str, tuple[float, str]] = {}
 HUB_SILENCE_SECONDS = 60.0
 
 
-def _hub_answers(ref: str, filename: str) -> str:
+def hub_answers(ref: str, filename: str) -> str:
     """"" when the Hub answers a HEAD request for the file within the timeout, else why not. The request runs in a
     thread joined with that deadline: httpx's timeouts do not cover name resolution (httpcore2's sync backend
     calls socket.create_connection, whose getaddrinfo no timeout bounds)."""
@@ -197,7 +197,7 @@ def _hub_answers(ref: str, filename: str) -> str:
 
 
 def _ask_hub(url: str, ref: str, filename: str) -> str:
-    """_hub_answers' one HEAD request (for ref's filename at url), under the deadline."""
+    """hub_answers' one HEAD request (for ref's filename at url), under the deadline."""
     import threading
 
     from huggingface_hub import constants, get_hf_file_metadata

@@ -60,15 +60,14 @@ transformers reads the file too (dequantized to the dtype asked for):
 
 def _transformers_code(model_ref: str, rel: str) -> str:
     # From the file's own folder: given the output's folder, transformers (5.24) finds adapter_config.json there
-    # and looks for the GGUF in the adapter's base instead.
-    folder, name = json.dumps(str(Path(model_ref) / Path(rel).parent)), json.dumps(Path(rel).name)
-    head = "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-    if Path(model_ref).exists():
-        return (head + f"model = AutoModelForCausalLM.from_pretrained({folder}, gguf_file={name})\n"
-                f"tokenizer = AutoTokenizer.from_pretrained({folder}, gguf_file={name})")
+    # and looks for the GGUF in the adapter's base instead. One snippet for the folder and the Hub repository:
+    # `hf-vram push` rewrites the model_id line.
     return (
-        "import os\n\nfrom huggingface_hub import hf_hub_download\n" + head
-        + f"path = hf_hub_download({json.dumps(model_ref)}, {json.dumps(rel)})\n"
+        "import os\n\nfrom huggingface_hub import hf_hub_download\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"model_id = {json.dumps(model_ref)}\n"
+        f"path = os.path.join(model_id, {json.dumps(rel)}) if os.path.isdir(model_id) else "
+        f"hf_hub_download(model_id, {json.dumps(rel)})\n"
         "model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))\n"
         "tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))"
     )

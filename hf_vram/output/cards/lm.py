@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_vram.output.cards.common import duration_text, hub_id, num, peak_memory_text, table
+from hf_vram.output.summary import LM_EVAL_AFTER, LM_EVAL_BEFORE, score_metrics, score_stderr
 from hf_vram.recipe.load import LoadedRecipe
 
 # Tags per adapter type; the LoRA variants keep `lora` so that the Hub's LoRA filters find them.
@@ -150,6 +152,56 @@ def _result_rows(s: dict) -> list[tuple[str, object]]:
     return rows
 
 
+LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+
+
+def _eval_results(summary: dict) -> list[EvalResult]:
+    """The model-index of the card (the Hub's evaluation results): the trained model's lm-eval scores."""
+    results = []
+    for task, entry in (summary.get(LM_EVAL_AFTER) or {}).items():
+        dataset = entry.get("dataset") or ""
+        # A Hub dataset by its id, hf-vram's generated data by its source (builtin:arithmetic), else the task.
+        dataset_type = hub_id(dataset) or (dataset if dataset.startswith("builtin:") else task)
+        for metric in score_metrics(entry):
+            name, _, where = metric.partition(",")
+            results.append(EvalResult(
+                task_type="text-generation", task_name=task, dataset_type=dataset_type, dataset_name=task,
+                dataset_split=entry.get("split"), metric_type=name, metric_value=entry[metric],
+                metric_name=f"{name} ({where})" if where else name,
+                source_name="lm-evaluation-harness", source_url=LM_EVAL_URL))
+    return results
+
+
+def _evaluation(summary: dict) -> str:
+    """The card's Evaluation section: the held-out score of the run, and lm-eval's scores (before and after
+    training when both were measured); empty when nothing was evaluated."""
+    parts = []
+    if "score_before" in summary and "score_after" in summary:
+        b, a = summary["score_before"], summary["score_after"]
+        parts.append(f"Held-out exact match: {b['accuracy']:.1%} before training, {a['accuracy']:.1%} after "
+                     f"({a['correct']}/{a['total']}).")
+    after, before = summary.get(LM_EVAL_AFTER) or {}, summary.get(LM_EVAL_BEFORE) or {}
+    if after:
+        head = "| task | metric | before training | after training |" if before else "| task | metric | value |"
+        rows = [head, "|---" * head.count(" | ") + "|---|"]
+        for task, entry in after.items():
+            for metric in score_metrics(entry):
+                cells = [task, metric, *([_score_text(before.get(task, {}), metric)] if before else []),
+                         _score_text(entry, metric)]
+                rows.append("| " + " | ".join(cells) + " |")
+        parts.append(f"[lm-evaluation-harness]({LM_EVAL_URL}) tasks (the recipe's `eval.tasks`; `hf-vram eval` runs "
+                     "them on a saved output):\n\n" + "\n".join(rows))
+    return "\n## Evaluation\n\n" + "\n\n".join(parts) + "\n" if parts else ""
+
+
+def _score_text(entry: dict, metric: str) -> str:
+    if metric not in entry:
+        return "-"
+    stderr = score_stderr(entry, metric)
+    n = f" ({entry['samples']} samples)" if entry.get("samples") else ""
+    return num(entry[metric]) + (f" ± {num(stderr)}" if stderr is not None else "") + n
+
+
 def _usage(loaded: LoadedRecipe, model_ref: str, prompt: str) -> str:
     """Python that loads the output and generates, with the prompt laid out as in training."""
     from data_prep.formats import CHAT_FORMATS, alpaca_prompt
@@ -166,7 +218,8 @@ def _usage(loaded: LoadedRecipe, model_ref: str, prompt: str) -> str:
     else:
         # tokenizer= as well: for an adapter, transformers would take the base's tokenizer, which may lack the
         # chat template the adapter was trained with.
-        head += 'from transformers import pipeline\n\npipe = pipeline("text-generation", model=model_id, tokenizer=model_id)\n'
+        remote = ", trust_remote_code=True" if _remote_code(loaded) else ""
+        head += f'from transformers import pipeline\n\npipe = pipeline("text-generation", model=model_id, tokenizer=model_id{remote})\n'
     n = r.eval.max_new_tokens
     if r.data.format in (*CHAT_FORMATS, "preference", "unpaired"):
         # The chat template the model was trained with is saved with its tokenizer.
@@ -177,6 +230,56 @@ def _usage(loaded: LoadedRecipe, model_ref: str, prompt: str) -> str:
     if r.data.format == "alpaca":
         prompt = alpaca_prompt(prompt, "", r.data.template)
     return head + f'print(pipe({json.dumps(prompt)}, max_new_tokens={n}, return_full_text=False)[0]["generated_text"])'
+
+
+def _remote_code(loaded: LoadedRecipe) -> bool:
+    """Whether the model loads from code saved beside its weights (RetNet, which transformers does not ship): its
+    config, or its base's, has an auto_map."""
+    if loaded.recipe.model.arch == "retnet":
+        return True
+    for folder in (loaded.output_dir, Path(loaded.recipe.model.name_or_path or "")):
+        config = folder / "config.json"
+        if folder.parts and config.is_file() and "auto_map" in json.loads(config.read_text()):
+            return True
+    return False
+
+
+def _other_ways(loaded: LoadedRecipe, model_ref: str) -> str:
+    """The other ways the output loads: peft for an adapter, transformers' model class, and the hf-vram commands
+    that make a merged model or GGUF files for llama.cpp and Ollama. Each block names the model in its own
+    `model_id = ...` line, which `hf-vram push` rewrites when it pushes to another repository."""
+    remote = ", trust_remote_code=True" if _remote_code(loaded) else ""
+    ref = json.dumps(model_ref)
+    if loaded.recipe.adapter.type != "none":
+        code = (
+            "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+            f"model_id = {ref}\n"
+            "model = AutoPeftModelForCausalLM.from_pretrained(model_id)  # the adapter on its base, still separate\n"
+            "tokenizer = AutoTokenizer.from_pretrained(model_id)"
+        )
+        what = "With peft, the adapter loaded on its base (to train it further, or to switch adapters):"
+        merged = (
+            f"As one model: `hf-vram merge {loaded.output_dir}` folds the adapter into its base (reloaded unquantized)"
+            " and saves a plain transformers model. "
+        )
+    else:
+        code = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"model_id = {ref}\n"
+            f"model = AutoModelForCausalLM.from_pretrained(model_id{remote})\n"
+            "tokenizer = AutoTokenizer.from_pretrained(model_id)"
+        )
+        what, merged = "With transformers' model class:", ""
+    from hf_vram.export.families import FAMILIES
+
+    arch = loaded.recipe.model.arch
+    gguf = (
+        f"`hf-vram export` has no GGUF form for a {arch} model (it writes {', '.join(FAMILIES)})."
+        if _remote_code(loaded) or (arch and arch not in FAMILIES) else
+        f"For llama.cpp and Ollama: `hf-vram export {loaded.output_dir} --gguf q8_0` (or f16, q4_k_m, ...) writes "
+        "GGUF files and an Ollama Modelfile into `gguf/`, and describes them in this card."
+    )
+    return f"\n{what}\n\n```python\n{code}\n```\n\n{merged}{gguf}\n"
 
 
 def lm_card(loaded: LoadedRecipe, summary: dict) -> str:
@@ -193,6 +296,9 @@ def lm_card(loaded: LoadedRecipe, summary: dict) -> str:
         base_model_relation=("adapter" if adapter else "finetune") if base else None,
         datasets=datasets or None,
         tags=_tags(loaded),
+        # The model-index (the Hub's evaluation results) needs the model's name.
+        model_name=loaded.name if _eval_results(summary) else None,
+        eval_results=_eval_results(summary) or None,
     )
     model_ref = r.hub.repo_id or str(loaded.output_dir)
     prompt = r.eval.sample_prompts[0] if r.eval.sample_prompts else "Hello"
@@ -203,13 +309,7 @@ def lm_card(loaded: LoadedRecipe, summary: dict) -> str:
             "names it as `base_model_name_or_path`, and loading needs that base at that path.\n"
         )
     rows = table(_training_rows(loaded, summary))
-    scores = ""
-    if "score_before" in summary and "score_after" in summary:
-        b, a = summary["score_before"], summary["score_after"]
-        scores = (
-            f"\n## Evaluation\n\nHeld-out exact match: {b['accuracy']:.1%} before training, {a['accuracy']:.1%} after "
-            f"({a['correct']}/{a['total']}).\n"
-        )
+    scores = _evaluation(summary)
     text = f"""---
 {data.to_yaml()}
 ---
@@ -226,7 +326,7 @@ This is {_what(loaded)}. It was trained with hf-vram from the recipe `{loaded.na
 ```python
 {_usage(loaded, model_ref, prompt)}
 ```
-{base_note}
+{_other_ways(loaded, model_ref)}{base_note}
 ## Training
 
 {rows}
