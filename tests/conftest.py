@@ -144,6 +144,8 @@ UNIT_TESTS: dict[str, set[str]] = {
         "test_each_written_type_reads_back_within_its_tolerance",
         "test_llama3_rope_factors_are_transformers_frequency_scaling",
         "test_modelfile_template_renders_what_the_chat_template_renders",
+        "test_modelfile_without_a_template_and_with_a_long_context",
+        "test_a_sentencepiece_vocabulary_reads_back_with_its_scores",
     },
     "test_hub_push.py": {"test_model_card_names_hub_base_and_dataset"},
     "test_plan_plot.py": {"test_one_stacked_bar_per_card_with_its_capacity_and_the_peak",

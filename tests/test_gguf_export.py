@@ -203,6 +203,15 @@ def test_modelfile_template_renders_what_the_chat_template_renders(tiny_base, te
         assert _render_go(go, system or "", "What is 2 + 2?", "4") == tok.apply_chat_template(messages, tokenize=False)
 
 
+def test_modelfile_without_a_template_and_with_a_long_context(tiny_base):
+    from hf_vram.export.modelfile import MAX_NUM_CTX, modelfile_text
+
+    text = modelfile_text("m.gguf", tiny_base, 131072)  # a base with no recipe and no chat template: plain text
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    assert text.splitlines()[1:] == ["FROM ./m.gguf", f"PARAMETER stop {json.dumps(tok.eos_token)}",
+                                     f"PARAMETER num_ctx {MAX_NUM_CTX}"]
+
+
 def _qlora_recipe(base, out) -> dict:
     return {
         "description": "tiny QLoRA for the GGUF export",

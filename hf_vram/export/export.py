@@ -27,12 +27,12 @@ class Exported:
     checks: list[RoundTrip] = field(default_factory=list)
 
 
-def _write_kind(model_dir: Path, dest: Path, kind: str, scratch: Path) -> Written:
+def _write_kind(model_dir: Path, dest: Path, kind: str, scratch: Path, name: str) -> Written:
     if kind in WRITTEN_TYPES:
-        return write_gguf(model_dir, dest, kind)
+        return write_gguf(model_dir, dest, kind, name)
     # llama.cpp quantizes from 16 bits: bf16 when the model is saved in bf16 (f16 could overflow), else f16.
     dtype = json.loads((model_dir / "config.json").read_text()).get("dtype")
-    sixteen = write_gguf(model_dir, scratch / f"{dest.stem}.16bit.gguf", "bf16" if dtype == "bfloat16" else "f16")
+    sixteen = write_gguf(model_dir, scratch / f"{dest.stem}.16bit.gguf", "bf16" if dtype == "bfloat16" else "f16", name)
     llama_cpp_quantize(sixteen.path, dest, kind)
     sixteen.path.unlink()
     from gguf import GGUFReader
@@ -46,7 +46,7 @@ def _write_kind(model_dir: Path, dest: Path, kind: str, scratch: Path) -> Writte
 def write_folder(model_dir: Path, folder: Path, kinds: list[str], name: str, scratch: Path) -> tuple[list[Written], Path]:
     """GGUF files of every kind and a Modelfile (FROM the first) for the full model in model_dir, into folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    files = [_write_kind(model_dir, folder / f"{name}-{kind}.gguf", kind, scratch) for kind in kinds]
+    files = [_write_kind(model_dir, folder / f"{name}-{kind}.gguf", kind, scratch, name) for kind in kinds]
     config = json.loads((model_dir / "config.json").read_text())
     modelfile = folder / "Modelfile"
     atomic_write_text(modelfile, modelfile_text(files[0].path.name, model_dir, config["max_position_embeddings"]))

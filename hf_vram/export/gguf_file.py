@@ -63,8 +63,8 @@ def _add_rope(writer: gguf.GGUFWriter, config: dict, where: str) -> None:
         raise UserError(f"{where}/config.json: RoPE type {kind!r} has no GGUF form here (default, linear, yarn, llama3)")
 
 
-def _add_hparams(writer: gguf.GGUFWriter, config: dict, family: Family, ftype: int, where: str) -> None:
-    writer.add_name(config.get("_name_or_path") or Path(where).name)
+def _add_hparams(writer: gguf.GGUFWriter, config: dict, family: Family, ftype: int, name: str, where: str) -> None:
+    writer.add_name(name)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -150,18 +150,21 @@ def _add_tensor(writer: gguf.GGUFWriter, out: Written, name: str, w: np.ndarray,
     out.types[qtype.name] = out.types.get(qtype.name, 0) + 1
 
 
-def write_gguf(model_dir: Path, dest: Path, kind: str) -> Written:
-    """Write model_dir (a full transformers model) to dest as GGUF of kind (f32, f16, bf16, q8_0); atomic."""
+def write_gguf(model_dir: Path, dest: Path, kind: str, name: str | None = None) -> Written:
+    """Write model_dir (a full transformers model) to dest as GGUF of kind (f32, f16, bf16, q8_0), named `name`
+    (general.name; the folder's name by default); atomic."""
     model_dir, dest = Path(model_dir), Path(dest)
     config = json.loads((model_dir / "config.json").read_text())
     family = family_of(config, str(model_dir))
     ftype, qtype = WRITTEN_TYPES[kind]
     names = gguf.get_tensor_name_map(family.arch, config["num_hidden_layers"])
     partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[family.arch])
+    # use_temp_file: each tensor goes to a spooled file as it is converted, not into memory until the end (an 8B
+    # model in f16 would hold 16 GB).
+    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[family.arch], use_temp_file=True)
     out = Written(dest)
     try:
-        _add_hparams(writer, config, family, ftype, str(model_dir))
+        _add_hparams(writer, config, family, ftype, name or model_dir.name, str(model_dir))
         add_tokenizer(writer, model_dir, config["vocab_size"])
         if (factors := llama3_rope_factors(config)) is not None:
             _add_tensor(writer, out, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors, qtype)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from hf_vram.errors import UserError
 
+# The longest num_ctx written (the model's own context when shorter).
+MAX_NUM_CTX = 8192
 SYSTEM, PROMPT, RESPONSE = "\x00SYSTEM\x00", "\x00PROMPT\x00", "\x00RESPONSE\x00"
 
 
@@ -73,7 +75,7 @@ def stop_texts(model_dir: Path, tokenizer) -> list[str]:
     ids = json.loads(config.read_text()).get("eos_token_id") if config.is_file() else None
     ids = ids if isinstance(ids, list) else [ids]
     ids = [i for i in [*ids, tokenizer.eos_token_id] if i is not None]
-    return list(dict.fromkeys(tokenizer.convert_ids_to_tokens(i) for i in ids))
+    return list(dict.fromkeys(tokenizer.decode([i]) for i in ids))
 
 
 def modelfile_text(gguf_name: str, model_dir: Path, context_length: int) -> str:
@@ -85,6 +87,7 @@ def modelfile_text(gguf_name: str, model_dir: Path, context_length: int) -> str:
     if template is not None:
         lines.append(f'TEMPLATE """{template}"""')
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in stop_texts(model_dir, tokenizer)]
-    # The context the model was built for; Ollama's own default (2048/4096) would cut longer ones off.
-    lines.append(f"PARAMETER num_ctx {context_length}")
+    # Ollama allocates the KV cache of num_ctx tokens up front, so the model's whole context (128k for Llama 3.1)
+    # would not fit a 12 GB card beside the weights; 8192 tokens of an 8B Llama 3 is 1 GiB in f16.
+    lines.append(f"PARAMETER num_ctx {min(context_length, MAX_NUM_CTX)}")
     return "\n".join(lines) + "\n"
