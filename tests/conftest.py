@@ -70,6 +70,18 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
     )
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: tiny matrices gain nothing from a second one (it only fights other jobs for the shared
+    cores), and one thread gives the same reduction order on both sides of a comparison."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny random Llama with a BPE tokenizer trained on the arithmetic text, saved by save_pretrained."""

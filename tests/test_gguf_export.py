@@ -36,6 +36,7 @@ from hf_vram.export.modelfile import chat_template_as_go
 from hf_vram.export.quantize import check_kinds, llama_cpp_available
 
 from .conftest import run_cli, write_recipe
+from .test_train_qlora import qlora_recipe
 
 TOL = {"f32": 1e-4, "f16": 1e-2, "bf16": 0.1, "q8_0": 0.3}
 PROMPTS = ["3 + 4 = 7. What is 2 + 6?", "9 + 0 is"]
@@ -213,16 +214,9 @@ def test_modelfile_without_a_template_and_with_a_long_context(tiny_base):
 
 
 def _qlora_recipe(base, out) -> dict:
-    return {
-        "description": "tiny QLoRA for the GGUF export",
-        "model": {"name_or_path": str(base)},
-        "quant": {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "float32"},
-        "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"source": "builtin:arithmetic", "format": "alpaca", "template": "alpaca-short", "max_length": 64},
-        "train": {"output_dir": str(out), "micro_batch_size": 8, "max_steps": 15, "lr": 5e-3, "warmup": 0,
-                  "logging_steps": 5, "save_steps": 100, "report_to": []},
-        "eval": {"score_samples": 0, "sample_prompts": ["What is 2 + 6?"], "max_new_tokens": 6},
-    }
+    recipe = qlora_recipe(base, out, max_steps=15, logging_steps=5)
+    recipe["eval"] = {"score_samples": 0, "sample_prompts": ["What is 2 + 6?"], "max_new_tokens": 6}
+    return recipe
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +291,31 @@ def test_llama_cpp_greedy_tokens_equal_transformers(trained_adapter):
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if line.startswith("round trip")]
     assert len(lines) == 2 and all("llama.cpp" in line and "same answer" in line for line in lines), run.stdout
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python (the llama-cpp extra) is not installed")
+def test_k_quants_by_llama_cpp_read_back_weight_by_weight(tmp_path, tiny_base):
+    """Rows of 256, so that llama.cpp writes real K-quant blocks (the demo's rows of 128 fall back to q5_0/q8_0):
+    every weight transformers dequantizes from the file is the original within the format's rounding."""
+    from hf_vram.export.export import write_folder
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    files, _ = write_folder(tmp_path / "model", tmp_path / "gguf", ["q6_k", "q4_k_m"], "m", tmp_path)
+    assert files[0].types["Q6_K"] == 16 and files[1].types["Q4_K"] >= 12  # q4_k_m keeps some in Q6_K
+    original = model.state_dict()
+    # RMS error over RMS weight, per matrix, measured: Q6_K 0.018, Q4_K 0.072 (q4_k_m's Q6_K matrices 0.018)
+    for written, bound in zip(files, (0.03, 0.1)):
+        loaded, _ = _load_gguf(written.path)
+        for name, w in loaded.state_dict().items():
+            if w.ndim == 2:
+                err = ((w - original[name]).pow(2).mean() / original[name].pow(2).mean()).sqrt()
+                assert err < bound, (written.path.name, name, float(err))
 
 
 def test_refusals_name_the_problem(tmp_path, tiny_base, monkeypatch):

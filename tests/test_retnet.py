@@ -19,13 +19,7 @@ from hf_vram.models.modeling_retnet import (
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The matrices here are tiny: one thread is fastest and does not fight other jobs for the shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides) -> RetNetConfig:

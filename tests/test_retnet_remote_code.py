@@ -46,13 +46,8 @@ PROMPT = "the cat"
 NEW_TOKENS = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The subprocess runs on one thread too: the same reduction order on both sides, so the outputs are identical.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The subprocess runs on one thread too: the same reduction order on both sides, so the outputs are identical.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def measure(folder: str, ids: list[list[int]], prompt: str, new_tokens: int) -> dict:
