@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 from hf_vram.export.check import RoundTrip
 from hf_vram.export.export import Exported
 
 
 def _round_trip_line(c: RoundTrip) -> str:
-    llama = f', llama.cpp "{c.llama_cpp_answer}"' if c.llama_cpp_answer is not None else ""
+    # Answers as JSON strings: one line each, newlines shown as \n.
+    llama = f", llama.cpp {json.dumps(c.llama_cpp_answer)}" if c.llama_cpp_answer is not None else ""
     verdict = "same answer" if c.same_answer and c.tokens_equal else "DIFFERENT"
     return (
         f"round trip {c.gguf}: {verdict}: tokens {'equal' if c.tokens_equal else 'DIFFER'}, max |logit diff| "
-        f"{c.max_abs_logit_diff:.4g} (largest logit {c.max_abs_logit:.3g}); greedy: full model \"{c.answer}\", "
-        f'transformers on the GGUF "{c.gguf_answer}"{llama}' + "".join(f"; {n}" for n in c.notes)
+        f"{c.max_abs_logit_diff:.4g} (largest logit {c.max_abs_logit:.3g}); greedy: full model {json.dumps(c.answer)}, "
+        f"transformers on the GGUF {json.dumps(c.gguf_answer)}{llama}" + "".join(f"; {n}" for n in c.notes)
     )
 
 
