@@ -52,33 +52,57 @@ def llama_cpp_greedy(gguf_path: Path, ids: list[int], n: int, eos: set[int]) -> 
     return out
 
 
-def round_trip(model_dir: Path, gguf_path: Path, prompt: str, max_new_tokens: int) -> RoundTrip:
+@dataclass
+class Reference:
+    """The full model's side of every round trip, computed once: its tokens, logits and greedy answer."""
+
+    tokenizer: object
+    prompt: str
+    ids: list[int]
+    logits: object  # torch.Tensor, float32
+    answer: list[int]
+    eos: set[int]
+    max_new_tokens: int
+
+
+def reference(model_dir: Path, prompt: str, max_new_tokens: int) -> Reference:
+    """The full model in float32 on the prompt; the model itself is let go before any GGUF loads."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+    answer = _until_eos(_greedy(model, ids, max_new_tokens), eos)
+    return Reference(tokenizer, prompt, ids, logits, answer, eos, max_new_tokens)
+
+
+def round_trip(ref: Reference, gguf_path: Path) -> RoundTrip:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_vram.export.quantize import llama_cpp_available
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     folder, name = str(Path(gguf_path).parent), Path(gguf_path).name
     gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    ids = tokenizer(prompt)["input_ids"]
     with torch.no_grad():
-        a, b = reference(torch.tensor([ids])).logits, loaded(torch.tensor([ids])).logits
-    eos = reference.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos]) - {None}
-    answer = _until_eos(_greedy(reference, ids, max_new_tokens), eos)
+        logits = loaded(torch.tensor([ref.ids])).logits
+    decode = ref.tokenizer.decode
     result = RoundTrip(
         gguf=name,
-        tokens_equal=gguf_tokenizer(prompt)["input_ids"] == ids,
-        max_abs_logit_diff=float((a - b).abs().max()),
-        max_abs_logit=float(a.abs().max()),
-        answer=tokenizer.decode(answer),
-        gguf_answer=tokenizer.decode(_until_eos(_greedy(loaded, ids, max_new_tokens), eos)),
+        tokens_equal=gguf_tokenizer(ref.prompt)["input_ids"] == ref.ids,
+        max_abs_logit_diff=float((ref.logits - logits).abs().max()),
+        max_abs_logit=float(ref.logits.abs().max()),
+        answer=decode(ref.answer),
+        gguf_answer=decode(_until_eos(_greedy(loaded, ref.ids, ref.max_new_tokens), ref.eos)),
     )
     if llama_cpp_available():
-        result.llama_cpp_answer = tokenizer.decode(llama_cpp_greedy(Path(gguf_path), ids, max_new_tokens, eos))
+        result.llama_cpp_answer = decode(llama_cpp_greedy(Path(gguf_path), ref.ids, ref.max_new_tokens, ref.eos))
     else:
         result.notes.append("llama.cpp not checked: llama-cpp-python is not installed")
     return result

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from data_prep.atomic import atomic_write_text
 from hf_vram.errors import UserError
-from hf_vram.export.check import RoundTrip, round_trip
+from hf_vram.export.check import RoundTrip, reference, round_trip
 from hf_vram.export.gguf_file import WRITTEN_TYPES, Written, write_gguf
 from hf_vram.export.modelfile import modelfile_text
-from hf_vram.export.quantize import LLAMA_CPP_TYPES, check_kinds, llama_cpp_quantize
+from hf_vram.export.quantize import check_kinds, llama_cpp_quantize
 
 
 @dataclass
@@ -82,7 +82,7 @@ def check_prompt(model_dir: Path) -> tuple[str, int]:
 
 def export_gguf(output_dir: Path, kinds: list[str], check: bool = False) -> Exported:
     """Export OUTPUT_DIR as GGUF files of `kinds` (and a Modelfile) into OUTPUT_DIR/gguf; `check` runs the round
-    trip of every file against the full model (a second copy of the model in memory, in float32)."""
+    trip of every file against the full model (each loaded in float32 in turn: 4 bytes per parameter of memory)."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise UserError(f"{output_dir}: no such directory")
@@ -103,7 +103,8 @@ def _export(model_dir: Path, card_dir: Path, kinds: list[str], check: bool, scra
     laid_out, n = check_prompt(model_dir)
     describe_in_card(card_dir, exported, model_dir, laid_out)
     if check:
-        exported.checks = [round_trip(model_dir, f.path, laid_out, n) for f in files]
+        ref = reference(model_dir, laid_out, n)
+        exported.checks = [round_trip(ref, f.path) for f in files]
     return exported
 
 
@@ -121,4 +122,4 @@ def describe_in_card(card_dir: Path, exported: Exported, model_dir: Path, laid_o
     add_gguf_section(card_dir / "README.md", section)
 
 
-__all__ = ["LLAMA_CPP_TYPES", "Exported", "check_prompt", "export_gguf", "export_merged", "write_folder"]
+__all__ = ["Exported", "check_prompt", "export_gguf", "export_merged", "write_folder"]
