@@ -158,6 +158,7 @@ UNIT_TESTS: dict[str, set[str]] = {
         "test_modelfile_template_renders_what_the_chat_template_renders",
         "test_modelfile_without_a_template_and_with_a_long_context",
         "test_a_sentencepiece_vocabulary_reads_back_with_its_scores",
+        "test_the_older_sentencepiece_layout_is_read_as_sentencepiece",
     },
     "test_hub_push.py": {"test_model_card_names_hub_base_and_dataset"},
     "test_plan_plot.py": {"test_one_stacked_bar_per_card_with_its_capacity_and_the_peak",

@@ -148,6 +148,25 @@ def test_a_sentencepiece_vocabulary_reads_back_with_its_scores(tmp_path):
         vocab.close()
 
 
+def test_the_older_sentencepiece_layout_is_read_as_sentencepiece(tmp_path):
+    """Llama 2's tokenizer.json as transformers 4.3x wrote it: the "▁" marker from the normalizer (Prepend, Replace),
+    no pre-tokenizer. The file gets the same tokens, scores and space prefix as from today's Metaspace layout."""
+    import gguf
+
+    _sentencepiece_style(tmp_path / "spm")
+    path = tmp_path / "spm" / "tokenizer.json"
+    current = json.loads(path.read_text())
+    older = dict(current, pre_tokenizer=None, normalizer={"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]})
+    fields = []
+    for layout, name in ((current, "a.gguf"), (older, "b.gguf")):
+        path.write_text(json.dumps(layout))  # json's default ASCII escapes, as transformers writes the file
+        reader = gguf.GGUFReader(write_gguf(tmp_path / "spm", tmp_path / name, "f16").path)
+        fields.append({k: reader.fields[k].contents() for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens",
+                       "tokenizer.ggml.scores", "tokenizer.ggml.add_space_prefix")})
+    assert fields[0] == fields[1] and fields[0]["tokenizer.ggml.model"] == "llama"
+
+
 @pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0"])
 def test_each_written_type_reads_back_within_its_tolerance(tmp_path, tiny_base, kind):
     model, tok = _tiny("llama", tmp_path / "model", tiny_base)

@@ -69,11 +69,10 @@ def _adds(tokenizer, token_id: int | None, first: bool) -> bool:
 
 def _spm_style(tokenizer_json: dict) -> bool:
     """A SentencePiece vocabulary as transformers saves it (Llama 2, Mistral 7B, Gemma): BPE with byte fallback, spaces
-    as the "▁" piece marker."""
+    as the "▁" piece marker (written by a Metaspace pre-tokenizer, or by the normalizer of older files)."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
-    normalizer = json.dumps(tokenizer_json.get("normalizer") or {})
-    return bool(tokenizer_json["model"].get("byte_fallback")) and (pre.get("type") == "Metaspace" or "\u2581" in normalizer
-                                                                  or "▁" in normalizer)
+    normalizer = json.dumps(tokenizer_json.get("normalizer") or {}, ensure_ascii=False)
+    return bool(tokenizer_json["model"].get("byte_fallback")) and (pre.get("type") == "Metaspace" or "▁" in normalizer)
 
 
 def _spm_prefix(tokenizer_json: dict) -> bool:
