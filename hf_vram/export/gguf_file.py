@@ -168,13 +168,13 @@ def write_gguf(model_dir: Path, dest: Path, kind: str, name: str | None = None) 
         add_tokenizer(writer, model_dir, config["vocab_size"])
         if (factors := llama3_rope_factors(config)) is not None:
             _add_tensor(writer, out, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors, qtype)
-        for name, w in _tensors(model_dir):
-            if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+        for key, w in _tensors(model_dir):
+            if key == "lm_head.weight" and config.get("tie_word_embeddings"):
                 continue  # llama.cpp reads a missing output.weight as tied to token_embd
-            gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
-                raise UserError(f"{model_dir}: tensor {name} has no GGUF name for {family.arch.name.lower()}")
-            _add_tensor(writer, out, gguf_name, _transform(name, w, config, family), qtype)
+                raise UserError(f"{model_dir}: tensor {key} has no GGUF name for {family.arch.name.lower()}")
+            _add_tensor(writer, out, gguf_name, _transform(key, w, config, family), qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
