@@ -2,9 +2,8 @@
 trained QLoRA output exported through the CLI (merged first) with its Modelfile and card section, and the refusals.
 
 Tolerances are on the largest |logit difference| against the model in float32, over every position of a batch of
-prompts, on these width-64 models whose logits reach about 1 (random) to 12 (trained). Measured: f32 ~1e-6 (the
-same values), f16 ~1e-3, bf16 ~1e-2, q8_0 ~5e-2; each tolerance is about 5x the measured figure, far below the
-logit gaps that decide a greedy token on the trained model.
+prompts, on these width-64 random models whose logits reach about 0.6. Measured: f32 0 (the same values), f16
+3e-4 to 6e-4 by family, bf16 2.5e-3, q8_0 7e-3; each tolerance is about 5x the measured figure.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from hf_vram.export.quantize import check_kinds, llama_cpp_available
 from .conftest import run_cli, write_recipe
 from .test_train_qlora import qlora_recipe
 
-TOL = {"f32": 1e-4, "f16": 1e-2, "bf16": 0.1, "q8_0": 0.3}
+TOL = {"f32": 1e-5, "f16": 3e-3, "bf16": 1.5e-2, "q8_0": 4e-2}
 PROMPTS = ["3 + 4 = 7. What is 2 + 6?", "9 + 0 is"]
 SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "max_position_embeddings": 128}
 FAMILIES = {
