@@ -50,20 +50,14 @@ def chat_template_as_go(tokenizer) -> str:
     return f"{{{{ if .System }}}}{system_head}{{{{ else }}}}{_go_literal(head)}{{{{ end }}}}{body}"
 
 
-def alpaca_as_go(template: str) -> str:
-    from data_prep.formats import alpaca_prompt
-
-    return _go_literal(alpaca_prompt(PROMPT, "", template)).replace(PROMPT, "{{ .Prompt }}") + "{{ .Response }}"
-
-
 def _template(model_dir: Path, tokenizer) -> str | None:
-    """The prompt layout of training: the recipe's Alpaca template, or the saved chat template; None for text."""
-    import yaml
+    """The prompt layout of training: the recipe's Alpaca template, or the saved chat template; None for text.
+    The Alpaca layout comes from the same place `hf-vram generate` wraps its prompts (generate.prompt_for)."""
+    from hf_vram.generate import prompt_for
 
-    recipe = Path(model_dir) / "recipe.yaml"
-    data = (yaml.safe_load(recipe.read_text()) or {}).get("data", {}) if recipe.is_file() else {}
-    if data.get("format") == "alpaca":
-        return alpaca_as_go(data.get("template", "alpaca"))
+    laid_out = prompt_for(model_dir, PROMPT)
+    if isinstance(laid_out, str) and laid_out != PROMPT:
+        return _go_literal(laid_out).replace(PROMPT, "{{ .Prompt }}") + "{{ .Response }}"
     if tokenizer.chat_template:
         return chat_template_as_go(tokenizer)
     return None
